@@ -1,0 +1,70 @@
+# labelmill: one entry point for everything a developer or CI runs.
+#   make demo     start the local stack and classify sample photographs
+#   make test     lint, types and the whole test suite against real servers
+#   make up/down  start/stop the local stack (Redis, S3, model server, workers, Flower)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STACK_DIR ?= .stack
+SOURCE ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install system-deps lint format test unit up down demo proto bench clean
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "labelmill needs Python >= 3.11"'
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[serving,flower,dev]'
+	touch $(STAMP)
+
+install: $(STAMP) system-deps
+
+# Redis comes from the system package manager (see README: Redis).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing: sudo apt-get install redis-server (Debian/Ubuntu) or brew install redis (macOS)"; exit 2; \
+	  fi; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+up: install
+	$(BIN)/python -m labelmill.stack up --dir $(STACK_DIR)
+
+down:
+	$(BIN)/python -m labelmill.stack down --dir $(STACK_DIR)
+
+demo: install
+	$(BIN)/python -m labelmill.demo --dir $(STACK_DIR) $(if $(SOURCE),--source "$(SOURCE)")
+
+proto: $(STAMP)
+	$(BIN)/python -m labelmill._proto.generate
+
+bench: install
+	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/serving.py
+
+clean:
+	rm -rf $(VENV) $(STACK_DIR) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,90 @@
+"""One rooted exception hierarchy for labelmill.
+
+::
+
+    LabelmillError
+    ├── UsageError              bad arguments or configuration (exit 2)
+    │   └── JobNotFound         no such job in the ledger (exit 2)
+    ├── ServiceError            a service is unreachable or refuses us (exit 3)
+    │   ├── TransientError      worth retrying with backoff
+    │   │   ├── ModelUnavailable    gRPC UNAVAILABLE / DEADLINE_EXCEEDED
+    │   │   ├── StorageUnavailable  S3 5xx, SlowDown, connection errors
+    │   │   └── LedgerUnavailable   Redis connection errors
+    │   ├── CredentialsError    the store refused our credentials
+    │   └── ModelNotFound       the model server has no such model/version
+    ├── InferenceError          the model server rejected a batch as invalid
+    └── ImageError              one image cannot be classified (has a ``kind``)
+
+Transient and permanent failures are different classes because the retry
+policy is chosen by type: only :class:`TransientError` is retried.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+ErrorKind = Literal[
+    "not_found",
+    "forbidden",
+    "empty",
+    "too_large",
+    "decompression_bomb",
+    "unsupported",
+    "decode",
+    "inference",
+    "dead",
+]
+ERROR_KINDS: tuple[str, ...] = get_args(ErrorKind)
+
+
+class LabelmillError(Exception):
+    """Root of every error labelmill raises on purpose."""
+
+
+class UsageError(LabelmillError):
+    """Bad arguments or configuration; the user must change the command."""
+
+
+class JobNotFound(UsageError):
+    """The job id names no job in the ledger."""
+
+
+class ServiceError(LabelmillError):
+    """A service (Redis, S3, the model server) is unreachable or refuses us."""
+
+
+class TransientError(ServiceError):
+    """A failure that may go away: retried with backoff on a time budget."""
+
+
+class ModelUnavailable(TransientError):
+    """The model server is down, loading, overloaded or too slow."""
+
+
+class StorageUnavailable(TransientError):
+    """Object storage answered 5xx, throttled us, or could not be reached."""
+
+
+class LedgerUnavailable(TransientError):
+    """Redis could not be reached."""
+
+
+class CredentialsError(ServiceError):
+    """Object storage refused our credentials."""
+
+
+class ModelNotFound(ServiceError):
+    """The model server does not serve the requested model or version."""
+
+
+class InferenceError(LabelmillError):
+    """The model server rejected a batch as invalid (not retried)."""
+
+
+class ImageError(LabelmillError):
+    """One image cannot be classified; becomes an ``error`` result line."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind: ErrorKind = kind
+        self.message = message

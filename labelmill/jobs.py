@@ -1,0 +1,131 @@
+"""Job-level views shared by producer and workers: ids, status, manifest, spec file."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from labelmill.ledger import JobCounts, JobSpec, Ledger
+from labelmill.records import SCHEMA
+from labelmill.storage import ObjectStore, join_uri
+
+JOB_FILE = "_job.json"
+MANIFEST_FILE = "_manifest.json"
+SUCCESS_FILE = "_SUCCESS"
+
+
+def new_job_id(now: float | None = None) -> str:
+    """``j-YYYYMMDD-HHMMSS-xxxxxxxx``: the time plus 32 random bits."""
+    stamp = datetime.fromtimestamp(now or time.time(), tz=UTC).strftime("%Y%m%d-%H%M%S")
+    return f"j-{stamp}-{secrets.token_hex(4)}"
+
+
+def job_dir(spec: JobSpec) -> str:
+    return join_uri(spec.output, spec.job_id)
+
+
+def model_dict(counts: JobCounts) -> dict[str, Any]:
+    weights = counts.model_weights or None
+    out: dict[str, Any] = {
+        "name": counts.spec.model_name,
+        "version": counts.spec.model_version,
+        "weights": weights,
+    }
+    if weights and weights.startswith("random"):
+        out["note"] = "random weights: labels are meaningless"
+    return out
+
+
+def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
+    """The object ``producer status --json`` prints (see the README for fields)."""
+    now = now or time.time()
+    finished = counts.images_ok + counts.images_error
+    started = counts.first_result_at or counts.created_at
+    end = counts.finished_at or counts.updated_at or now
+    if counts.state not in ("done", "cancelled"):
+        end = now
+    elapsed = max(end - started, 1e-9)
+    rate = finished / elapsed if finished and counts.first_result_at else 0.0
+    remaining = max(counts.images_total - finished, 0)
+    eta: float | None
+    if counts.state in ("done", "cancelled"):
+        eta = 0.0
+    elif rate > 0 and counts.enqueue_complete:
+        eta = round(remaining / rate, 1)
+    else:
+        eta = None
+    batches_total = counts.batches_total if counts.enqueue_complete else counts.batches_sent
+    return {
+        "job_id": counts.spec.job_id,
+        "state": counts.state,
+        "input": counts.spec.input,
+        "output": job_dir(counts.spec),
+        "images": {
+            "total": counts.images_total,
+            "ok": counts.images_ok,
+            "error": counts.images_error,
+            "skipped": counts.images_skipped,
+        },
+        "errors": dict(sorted(counts.errors.items())),
+        "skipped": dict(sorted(counts.skipped.items())),
+        "batches": {
+            "total": batches_total,
+            "done": counts.batches_done - counts.batches_dead,
+            "dead": counts.batches_dead,
+            "outstanding": counts.batches_outstanding if counts.state != "cancelled" else 0,
+        },
+        "enqueue_complete": counts.enqueue_complete,
+        "model": model_dict(counts),
+        "images_per_s": round(rate, 2),
+        "eta_s": eta,
+    }
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat() if ts else None
+
+
+def manifest_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
+    """The job's ``_manifest.json``: spec, counts, model, times, throughput."""
+    now = now or time.time()
+    status = status_dict(counts, now)
+    elapsed = now - counts.created_at
+    return {
+        "schema": SCHEMA,
+        "job_id": counts.spec.job_id,
+        "spec": counts.spec.as_dict(),
+        "images": status["images"],
+        "errors": status["errors"],
+        "skipped": status["skipped"],
+        "batches": {k: v for k, v in status["batches"].items() if k != "outstanding"},
+        "dead_batches": None,  # filled by write_manifest
+        "model": status["model"],
+        "started_at": _iso(counts.created_at),
+        "finished_at": _iso(now),
+        "elapsed_s": round(elapsed, 3),
+        "images_per_s": round((counts.images_ok + counts.images_error) / max(elapsed, 1e-9), 2),
+    }
+
+
+def write_manifest(storage: ObjectStore, ledger: Ledger, job_id: str) -> dict[str, Any]:
+    """Write ``_manifest.json`` then ``_SUCCESS`` and mark the job done in the ledger."""
+    counts = ledger.counts(job_id)
+    manifest = manifest_dict(counts)
+    manifest["dead_batches"] = ledger.dead_batches(job_id)
+    base = job_dir(counts.spec)
+    root = counts.spec.output
+    body = json.dumps(manifest, indent=2).encode() + b"\n"
+    storage.put(join_uri(base, MANIFEST_FILE), body, root=root)
+    storage.put(join_uri(base, SUCCESS_FILE), b"", content_type="text/plain", root=root)
+    ledger.mark_done(job_id)
+    return manifest
+
+
+def write_job_file(storage: ObjectStore, spec: JobSpec, extra: dict[str, Any]) -> None:
+    """Save the spec beside the results, so `reconcile` works without Redis."""
+    body = {"schema": SCHEMA, **spec.as_dict(), **extra}
+    data = json.dumps(body, indent=2).encode() + b"\n"
+    storage.put(join_uri(job_dir(spec), JOB_FILE), data, root=spec.output)

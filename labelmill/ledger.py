@@ -1,0 +1,503 @@
+"""The job ledger in Redis: specs, counters, the done bitmap, the outstanding set.
+
+Keys (prefix ``p``, default ``labelmill``)::
+
+    p:jobs                  zset  job id -> creation time
+    p:job:<id>              hash  spec, state, totals, counters
+    p:job:<id>:done         bitmap of finished batch numbers (dead ones too)
+    p:job:<id>:dead         set of batch numbers declared dead
+    p:job:<id>:attempts     hash  batch number -> deliveries
+    p:outstanding           zset  "<job>:<batch>" -> enqueue time (KEDA reads ZCARD)
+
+Every counter update that could race goes through a Lua script, so a
+redelivered batch never double-counts and exactly one caller learns that a
+job has finished (and so writes its manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+
+from labelmill.errors import JobNotFound, LedgerUnavailable
+
+STATES = ("enqueuing", "running", "done", "cancelled")
+
+# Marks a batch finished (once), updates counters and reports whether the job
+# just finished. KEYS: job, done, outstanding, dead. ARGV: batch, member,
+# n_ok, n_err, dead(0/1), kinds-json.
+_COMPLETE = (
+    """
+local prev = redis.call('SETBIT', KEYS[2], ARGV[1], 1)
+redis.call('ZREM', KEYS[3], ARGV[2])
+if prev == 1 then return {0, 0} end
+redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
+redis.call('HINCRBY', KEYS[1], 'images_ok', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'images_error', ARGV[4])
+for kind, n in pairs(cjson.decode(ARGV[6])) do
+  redis.call('HINCRBY', KEYS[1], 'err:' .. kind, n)
+end
+if ARGV[5] == '1' then
+  redis.call('SADD', KEYS[4], ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'batches_dead', 1)
+end
+"""
+    + """
+local f = redis.call('HMGET', KEYS[1], 'state', 'enqueue_complete', 'batches_total', 'batches_done')
+if f[1] == 'running' and f[2] == '1' and tonumber(f[3] or 0) == tonumber(f[4] or 0) then
+  return {1, redis.call('HSETNX', KEYS[1], 'manifest_claim', 1)}
+end
+return {1, 0}
+"""
+)
+
+# Ends enqueuing; returns 1 when the job is already complete and this caller
+# owns the manifest. KEYS: job. ARGV: batches_total, fields-json.
+_FINISH_ENQUEUE = """
+if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 0 end
+for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('HSET', KEYS[1], 'enqueue_complete', 1, 'batches_total', ARGV[1])
+if redis.call('HGET', KEYS[1], 'state') == 'enqueuing' then
+  redis.call('HSET', KEYS[1], 'state', 'running')
+end
+local f = redis.call('HMGET', KEYS[1], 'state', 'batches_total', 'batches_done')
+if f[1] == 'running' and tonumber(f[2] or 0) == tonumber(f[3] or 0) then
+  return redis.call('HSETNX', KEYS[1], 'manifest_claim', 1)
+end
+return 0
+"""
+
+# Reopens a dead batch for `retry`: undoes its counts exactly once.
+# KEYS: job, done, outstanding, dead, attempts. ARGV: batch, member, n_images, now.
+_REOPEN_DEAD = """
+if redis.call('SREM', KEYS[4], ARGV[1]) == 0 then return 0 end
+redis.call('SETBIT', KEYS[2], ARGV[1], 0)
+redis.call('HINCRBY', KEYS[1], 'batches_done', -1)
+redis.call('HINCRBY', KEYS[1], 'batches_dead', -1)
+redis.call('HINCRBY', KEYS[1], 'images_error', -tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[1], 'err:dead', -tonumber(ARGV[3]))
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+redis.call('HDEL', KEYS[1], 'manifest_claim')
+if redis.call('HGET', KEYS[1], 'state') == 'done' then
+  redis.call('HSET', KEYS[1], 'state', 'running')
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job is: where from, where to, how, with which model version."""
+
+    job_id: str
+    input: str
+    output: str
+    batch_size: int
+    model_name: str
+    model_version: int
+    created_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "input": self.input,
+            "output": self.output,
+            "batch_size": self.batch_size,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JobSpec:
+        return cls(
+            job_id=str(d["job_id"]),
+            input=str(d["input"]),
+            output=str(d["output"]),
+            batch_size=int(d["batch_size"]),
+            model_name=str(d["model_name"]),
+            model_version=int(d["model_version"]),
+            created_at=float(d["created_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class BatchStart:
+    """What a worker needs to know when a batch is delivered."""
+
+    spec: JobSpec | None  # None: the job is unknown (expired or never created)
+    state: str
+    already_done: bool
+    attempt: int
+
+
+@dataclass
+class JobCounts:
+    """A snapshot of a job's hash, parsed."""
+
+    spec: JobSpec
+    state: str
+    listed: int = 0
+    last_key: str = ""
+    images_total: int = 0
+    images_ok: int = 0
+    images_error: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    batches_sent: int = 0
+    batches_total: int | None = None
+    batches_done: int = 0
+    batches_dead: int = 0
+    enqueue_complete: bool = False
+    model_weights: str = ""
+    created_at: float = 0.0
+    first_result_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float | None = None
+
+    @property
+    def images_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def batches_outstanding(self) -> int:
+        return max(0, self.batches_sent - self.batches_done)
+
+
+def _fields(fields: Mapping[str, str | int | float]) -> dict[Any, Any]:
+    return dict(fields)
+
+
+def _wrap(exc: redis.RedisError) -> LedgerUnavailable:
+    return LedgerUnavailable(f"Redis: {type(exc).__name__}: {exc}")
+
+
+class Ledger:
+    """All of labelmill's Redis state for jobs, behind one small interface."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "labelmill", ttl_s: int = 604800):
+        self.r = client
+        self.p = prefix
+        self.ttl_s = ttl_s
+        self._complete = self.r.register_script(_COMPLETE)
+        self._finish_enqueue = self.r.register_script(_FINISH_ENQUEUE)
+        self._reopen_dead = self.r.register_script(_REOPEN_DEAD)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "labelmill", ttl_s: int = 604800) -> Ledger:
+        client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        return cls(client, prefix=prefix, ttl_s=ttl_s)
+
+    # -- keys --------------------------------------------------------------
+    def job_key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}"
+
+    @property
+    def outstanding_key(self) -> str:
+        return f"{self.p}:outstanding"
+
+    @property
+    def jobs_key(self) -> str:
+        return f"{self.p}:jobs"
+
+    def _keys(self, job_id: str) -> list[str]:
+        k = self.job_key(job_id)
+        return [k, f"{k}:done", self.outstanding_key, f"{k}:dead", f"{k}:attempts"]
+
+    @staticmethod
+    def member(job_id: str, batch_no: int) -> str:
+        return f"{job_id}:{batch_no}"
+
+    # -- health ------------------------------------------------------------
+    def ping(self) -> None:
+        """Raise LedgerUnavailable unless Redis answers."""
+        try:
+            self.r.ping()
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    # -- producer side -------------------------------------------------------
+    def create_job(self, spec: JobSpec) -> tuple[JobSpec, bool]:
+        """Record a new job, or return the existing one with the same id (resume)."""
+        key = self.job_key(spec.job_id)
+        try:
+            created = bool(self.r.hsetnx(key, "spec", json.dumps(spec.as_dict())))
+            if created:
+                pipe = self.r.pipeline()
+                pipe.hset(key, mapping={"state": "enqueuing", "created_at": spec.created_at})
+                pipe.zadd(self.jobs_key, {spec.job_id: spec.created_at})
+                pipe.execute()
+                return spec, True
+            raw = self.r.hget(key, "spec")
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        return JobSpec.from_dict(json.loads(str(raw))), False
+
+    def restore_job(self, spec: JobSpec) -> None:
+        """Recreate a job's hash from its spec (after Redis lost it)."""
+        key = self.job_key(spec.job_id)
+        pipe = self.r.pipeline()
+        pipe.hsetnx(key, "spec", json.dumps(spec.as_dict()))
+        pipe.hsetnx(key, "state", "running")
+        pipe.hsetnx(key, "created_at", spec.created_at)
+        pipe.zadd(self.jobs_key, {spec.job_id: spec.created_at})
+        pipe.persist(key)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def mark_outstanding(self, job_id: str, batch_no: int) -> None:
+        """Count a batch as outstanding before its message is sent."""
+        try:
+            self.r.zadd(self.outstanding_key, {self.member(job_id, batch_no): time.time()})
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def record_enqueued(self, job_id: str, fields: Mapping[str, str | int | float]) -> None:
+        """Save the producer's position (after a batch's message was sent)."""
+        try:
+            self.r.hset(self.job_key(job_id), mapping=_fields(fields))
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def finish_enqueue(
+        self, job_id: str, batches_total: int, fields: Mapping[str, str | int | float]
+    ) -> bool:
+        """Mark enqueuing complete; True if the job is already finished and ours to close."""
+        try:
+            claimed = self._finish_enqueue(
+                keys=[self.job_key(job_id)], args=[batches_total, json.dumps(dict(fields))]
+            )
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        return bool(claimed)
+
+    def window(self, job_id: str) -> tuple[str, int]:
+        """The job's state and how many of its batches are queued or running."""
+        try:
+            state, sent, done = self.r.hmget(
+                self.job_key(job_id), ["state", "batches_sent", "batches_done"]
+            )
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        if state is None:
+            raise JobNotFound(f"unknown job {job_id}")
+        return str(state), int(sent or 0) - int(done or 0)
+
+    # -- worker side ---------------------------------------------------------
+    def begin_batch(self, job_id: str, batch_no: int) -> BatchStart:
+        """Count a delivery and say whether the batch still needs doing."""
+        key = self.job_key(job_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(key, ["spec", "state"])
+        pipe.getbit(f"{key}:done", batch_no)
+        pipe.hincrby(f"{key}:attempts", str(batch_no), 1)
+        try:
+            (raw_spec, state), done, attempt = pipe.execute()
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        spec = JobSpec.from_dict(json.loads(raw_spec)) if raw_spec else None
+        return BatchStart(
+            spec=spec, state=str(state or ""), already_done=bool(done), attempt=int(attempt)
+        )
+
+    def complete_batch(
+        self,
+        job_id: str,
+        batch_no: int,
+        *,
+        ok: int,
+        errors: Mapping[str, int],
+        dead: bool = False,
+        weights: str | None = None,
+    ) -> tuple[bool, bool]:
+        """Count a finished batch once. Returns (counted, job_finished_and_ours)."""
+        keys = self._keys(job_id)[:4]
+        n_err = sum(errors.values())
+        try:
+            if weights:
+                self.r.hsetnx(keys[0], "model_weights", weights)
+            self.r.hsetnx(keys[0], "first_result_at", time.time())
+            counted, claimed = self._complete(
+                keys=keys,
+                args=[
+                    batch_no,
+                    self.member(job_id, batch_no),
+                    ok,
+                    n_err,
+                    int(dead),
+                    json.dumps(dict(errors)) if errors else "{}",
+                ],
+            )
+            self.r.hset(keys[0], "updated_at", time.time())
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        return bool(counted), bool(claimed)
+
+    def drop_outstanding(self, job_id: str, batch_no: int) -> None:
+        try:
+            self.r.zrem(self.outstanding_key, self.member(job_id, batch_no))
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def mark_done(self, job_id: str) -> None:
+        """The manifest is written: the job is done; its keys now expire."""
+        keys = self._keys(job_id)
+        pipe = self.r.pipeline()
+        pipe.hset(keys[0], mapping={"state": "done", "finished_at": time.time()})
+        for k in (keys[0], keys[1], keys[3], keys[4]):
+            pipe.expire(k, self.ttl_s)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    # -- queries ---------------------------------------------------------------
+    def counts(self, job_id: str) -> JobCounts:
+        """Everything the ledger knows about a job."""
+        try:
+            h = cast(dict[str, str], self.r.hgetall(self.job_key(job_id)))
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        if not h or "spec" not in h:
+            raise JobNotFound(f"unknown job {job_id}")
+
+        def num(name: str) -> int:
+            return int(h.get(name, 0) or 0)
+
+        def opt(name: str) -> float | None:
+            return float(h[name]) if h.get(name) else None
+
+        return JobCounts(
+            spec=JobSpec.from_dict(json.loads(h["spec"])),
+            state=h.get("state", ""),
+            listed=num("listed"),
+            last_key=h.get("last_key", ""),
+            images_total=num("images_total"),
+            images_ok=num("images_ok"),
+            images_error=num("images_error"),
+            skipped={k[5:]: int(v) for k, v in h.items() if k.startswith("skip:")},
+            errors={k[4:]: int(v) for k, v in h.items() if k.startswith("err:") and int(v)},
+            batches_sent=num("batches_sent"),
+            batches_total=int(h["batches_total"]) if h.get("batches_total") else None,
+            batches_done=num("batches_done"),
+            batches_dead=num("batches_dead"),
+            enqueue_complete=h.get("enqueue_complete") == "1",
+            model_weights=h.get("model_weights", ""),
+            created_at=float(h.get("created_at", 0) or 0),
+            first_result_at=opt("first_result_at"),
+            finished_at=opt("finished_at"),
+            updated_at=opt("updated_at"),
+        )
+
+    def dead_batches(self, job_id: str) -> list[int]:
+        try:
+            return sorted(int(b) for b in self.r.smembers(f"{self.job_key(job_id)}:dead"))
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def is_done(self, job_id: str, batch_no: int) -> bool:
+        try:
+            return bool(self.r.getbit(f"{self.job_key(job_id)}:done", batch_no))
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def outstanding_batches(self, job_id: str) -> Iterator[int]:
+        """Batch numbers of this job in the outstanding set."""
+        prefix = f"{job_id}:"
+        try:
+            for member, _score in self.r.zscan_iter(self.outstanding_key, match=f"{prefix}*"):
+                yield int(str(member)[len(prefix) :])
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def recent_jobs(self, limit: int = 20) -> list[str]:
+        try:
+            return [str(j) for j in self.r.zrevrange(self.jobs_key, 0, limit - 1)]
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    # -- operator commands -------------------------------------------------------
+    def cancel(self, job_id: str) -> int:
+        """Cancel a job: its queued batches are dropped when delivered. Returns how many."""
+        self.counts(job_id)  # raises JobNotFound
+        members = [self.member(job_id, b) for b in self.outstanding_batches(job_id)]
+        pipe = self.r.pipeline()
+        pipe.hset(self.job_key(job_id), mapping={"state": "cancelled", "finished_at": time.time()})
+        if members:
+            pipe.zrem(self.outstanding_key, *members)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        return len(members)
+
+    def reopen_dead(self, job_id: str, batch_no: int, n_images: int) -> bool:
+        """Undo a dead batch's counts so that `retry` can run it again."""
+        try:
+            return bool(
+                self._reopen_dead(
+                    keys=self._keys(job_id),
+                    args=[batch_no, self.member(job_id, batch_no), n_images, time.time()],
+                )
+            )
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def reset_counts(
+        self,
+        job_id: str,
+        *,
+        done_batches: Mapping[int, tuple[int, dict[str, int], bool]],
+        fields: Mapping[str, str | int | float],
+    ) -> None:
+        """Rebuild a job's counters from what storage holds (`reconcile`).
+
+        ``done_batches`` maps batch number -> (ok, errors by kind, dead).
+        """
+        key, done_key, _out, dead_key, att_key = self._keys(job_id)
+        ok = sum(v[0] for v in done_batches.values())
+        errors: dict[str, int] = {}
+        for _ok, errs, _dead in done_batches.values():
+            for kind, n in errs.items():
+                errors[kind] = errors.get(kind, 0) + n
+        old = [str(k) for k in self.r.hkeys(key) if str(k).startswith("err:")]
+        pipe = self.r.pipeline()
+        pipe.delete(done_key, dead_key, att_key)
+        if old:
+            pipe.hdel(key, *old)
+        for b, (_ok, _errs, dead) in done_batches.items():
+            pipe.setbit(done_key, b, 1)
+            if dead:
+                pipe.sadd(dead_key, b)
+        mapping: dict[str, str | int | float] = {
+            "images_ok": ok,
+            "images_error": sum(errors.values()),
+            "batches_done": len(done_batches),
+            "batches_dead": sum(1 for v in done_batches.values() if v[2]),
+            **{f"err:{k}": v for k, v in errors.items()},
+            **fields,
+        }
+        pipe.hset(key, mapping=_fields(mapping))
+        pipe.hdel(key, "manifest_claim", "finished_at")
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def claim_if_complete(self, job_id: str) -> bool:
+        """After a rebuild: True if every batch is done and this caller owns the manifest."""
+        return self.finish_enqueue(job_id, self.counts(job_id).batches_total or 0, {})

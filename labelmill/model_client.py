@@ -1,0 +1,325 @@
+"""A TensorFlow-free client for TF Serving's gRPC API (and ``serving local``).
+
+Workers and the producer import this module; it needs only grpcio, protobuf
+and numpy. Messages come from ``labelmill/_proto/tfs.proto``, wire-compatible
+with TF Serving's own, and methods are called by TF Serving's paths.
+
+Retry policy, chosen by gRPC status code:
+
+- UNAVAILABLE, DEADLINE_EXCEEDED: retried with exponential backoff and full
+  jitter until ``retry_budget_s`` is spent, then :class:`ModelUnavailable`.
+- NOT_FOUND: :class:`ModelNotFound` at once.
+- INVALID_ARGUMENT, RESOURCE_EXHAUSTED (a message over the size limit) and
+  anything else: :class:`InferenceError` at once, never retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+
+from labelmill._proto import tfs_pb2
+from labelmill.errors import InferenceError, ModelNotFound, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
+
+IMAGE_SHAPE = (299, 299, 3)
+BACKOFF_BASE_S = 0.1
+BACKOFF_MAX_S = 10.0
+POLL_INTERVAL_S = 0.5
+
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+_NUMERIC_DTYPES: dict[int, np.dtype[Any]] = {
+    tfs_pb2.DT_FLOAT: np.dtype(np.float32),
+    tfs_pb2.DT_DOUBLE: np.dtype(np.float64),
+    tfs_pb2.DT_INT32: np.dtype(np.int32),
+    tfs_pb2.DT_UINT8: np.dtype(np.uint8),
+    tfs_pb2.DT_INT16: np.dtype(np.int16),
+    tfs_pb2.DT_INT8: np.dtype(np.int8),
+    tfs_pb2.DT_INT64: np.dtype(np.int64),
+    tfs_pb2.DT_BOOL: np.dtype(np.bool_),
+    tfs_pb2.DT_UINT32: np.dtype(np.uint32),
+    tfs_pb2.DT_UINT64: np.dtype(np.uint64),
+}
+# Where a value lives when the server used repeated fields, not tensor_content.
+_REPEATED_FIELD = {
+    tfs_pb2.DT_FLOAT: "float_val",
+    tfs_pb2.DT_DOUBLE: "double_val",
+    tfs_pb2.DT_INT32: "int_val",
+    tfs_pb2.DT_UINT8: "int_val",
+    tfs_pb2.DT_INT16: "int_val",
+    tfs_pb2.DT_INT8: "int_val",
+    tfs_pb2.DT_INT64: "int64_val",
+    tfs_pb2.DT_BOOL: "bool_val",
+    tfs_pb2.DT_UINT32: "uint32_val",
+    tfs_pb2.DT_UINT64: "uint64_val",
+}
+
+R = TypeVar("R", bound=Message)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-K labels for a batch, in request order."""
+
+    class_ids: np.ndarray  # int32 [N,K]
+    classes: list[list[str]]  # [N][K]
+    scores: np.ndarray  # float32 [N,K], descending
+    weights: list[str]  # [N]
+    version: int  # the version the server reports in response.model_spec
+
+
+def _service_config() -> str:
+    # Round robin spreads batches over every TF Serving pod behind a headless
+    # service; our own retry loop replaces gRPC's transparent retries.
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def tensor_from_array(array: np.ndarray) -> tfs_pb2.TensorProto:
+    """A numeric array as a TensorProto, its bytes in ``tensor_content``."""
+    dtype = next((k for k, v in _NUMERIC_DTYPES.items() if v == array.dtype), None)
+    if dtype is None:
+        raise InferenceError(f"cannot send an array of dtype {array.dtype}")
+    proto = tfs_pb2.TensorProto(dtype=dtype)  # type: ignore[arg-type]
+    proto.tensor_shape.dim.extend(tfs_pb2.TensorShapeProto.Dim(size=s) for s in array.shape)
+    proto.tensor_content = (
+        np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+    )
+    return proto
+
+
+def tensor_from_bytes(items: list[bytes]) -> tfs_pb2.TensorProto:
+    """A 1-D DT_STRING TensorProto."""
+    proto = tfs_pb2.TensorProto(dtype=tfs_pb2.DT_STRING)
+    proto.tensor_shape.dim.add(size=len(items))
+    proto.string_val.extend(items)
+    return proto
+
+
+def array_from_tensor(proto: tfs_pb2.TensorProto) -> np.ndarray:
+    """A TensorProto as a numpy array (strings as an object array of bytes)."""
+    shape = tuple(d.size for d in proto.tensor_shape.dim)
+    if proto.dtype == tfs_pb2.DT_STRING:
+        out = np.empty(len(proto.string_val), dtype=object)
+        out[:] = list(proto.string_val)
+        return out.reshape(shape)
+    dtype = _NUMERIC_DTYPES.get(proto.dtype)
+    if dtype is None:
+        raise InferenceError(f"unsupported tensor dtype {proto.dtype} in the response")
+    if proto.tensor_content:
+        flat = np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<")).astype(dtype)
+    else:
+        flat = np.asarray(getattr(proto, _REPEATED_FIELD[proto.dtype]), dtype=dtype)
+        count = int(np.prod(shape)) if shape else 1
+        if flat.size == 1 and count > 1:  # TF's compact form: one value fills the tensor
+            flat = np.full(count, flat[0], dtype=dtype)
+    return flat.reshape(shape)
+
+
+class ModelClient:
+    """Calls one model on a TF Serving target over one reused gRPC channel."""
+
+    def __init__(
+        self,
+        target: str,
+        model_name: str = "inception",
+        *,
+        timeout_s: float = 60.0,
+        retry_budget_s: float = 60.0,
+        max_message_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.target = target
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.retry_budget_s = retry_budget_s
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.service_config", _service_config()),
+                ("grpc.enable_retries", 0),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                # Pings only while calls are in flight, and no more often than
+                # TF Serving's default policy tolerates.
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 0),
+            ],
+        )
+        self._predict = self._channel.unary_unary(
+            PREDICT,
+            request_serializer=tfs_pb2.PredictRequest.SerializeToString,
+            response_deserializer=tfs_pb2.PredictResponse.FromString,
+        )
+        self._status = self._channel.unary_unary(
+            GET_MODEL_STATUS,
+            request_serializer=tfs_pb2.GetModelStatusRequest.SerializeToString,
+            response_deserializer=tfs_pb2.GetModelStatusResponse.FromString,
+        )
+
+    # -- public API -------------------------------------------------------
+
+    def predict(self, images: np.ndarray, *, version: int | None = None) -> Prediction:
+        """Classify uint8 [N,299,299,3] pixels with the ``serving_default`` signature."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+            raise InferenceError(
+                f"{self._where(version)}: images must be uint8 [N,299,299,3], "
+                f"got {images.dtype} {list(images.shape)}"
+            )
+        request = self._request("serving_default", version)
+        request.inputs["images"].CopyFrom(tensor_from_array(images))
+        return self._prediction(self._call(self._predict, request, version), version)
+
+    def predict_encoded(self, images: list[bytes], *, version: int | None = None) -> Prediction:
+        """Classify encoded JPEG/PNG images with the ``predict_images`` signature."""
+        request = self._request("predict_images", version)
+        request.inputs["images"].CopyFrom(tensor_from_bytes(list(images)))
+        return self._prediction(self._call(self._predict, request, version), version)
+
+    def model_versions(self) -> dict[int, str]:
+        """Every version the server manages for this model, with its state name."""
+        response = self._call(self._status, self._status_request(None), None)
+        return self._versions(response)
+
+    def newest_available_version(self) -> int:
+        """The highest AVAILABLE version; :class:`ModelNotFound` if there is none."""
+        available = [v for v, state in self.model_versions().items() if state == "AVAILABLE"]
+        if not available:
+            raise ModelNotFound(f"{self._where(None)}: no version is AVAILABLE")
+        return max(available)
+
+    def wait_until_available(self, version: int | None = None, *, timeout_s: float) -> int:
+        """Poll until ``version`` (or any version) is AVAILABLE; return that version.
+
+        Raises :class:`ModelUnavailable` when ``timeout_s`` passes first.
+        """
+        deadline = time.monotonic() + timeout_s
+        last = "no answer yet"
+        while True:
+            try:
+                response = self._call(
+                    self._status, self._status_request(version), version, budget_s=0.0
+                )
+                versions = self._versions(response)
+                available = [v for v, s in versions.items() if s == "AVAILABLE"]
+                if version is None and available:
+                    return max(available)
+                if version is not None and version in available:
+                    return version
+                last = f"versions {versions}"
+            except (ModelUnavailable, ModelNotFound) as exc:
+                last = str(exc)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ModelUnavailable(
+                    f"{self._where(version)}: not AVAILABLE after {timeout_s:g}s ({last})"
+                )
+            time.sleep(min(POLL_INTERVAL_S, remaining))
+
+    def close(self) -> None:
+        """Close the channel; the client cannot be used afterwards."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------
+
+    def _where(self, version: int | None) -> str:
+        shown = "newest" if version is None else str(version)
+        return f"model server {self.target} model {self.model_name!r} version {shown}"
+
+    def _spec(self, spec: tfs_pb2.ModelSpec, version: int | None) -> None:
+        spec.name = self.model_name
+        if version is not None:
+            spec.version.value = version
+
+    def _request(self, signature: str, version: int | None) -> tfs_pb2.PredictRequest:
+        request = tfs_pb2.PredictRequest()
+        self._spec(request.model_spec, version)
+        request.model_spec.signature_name = signature
+        return request
+
+    def _status_request(self, version: int | None) -> tfs_pb2.GetModelStatusRequest:
+        request = tfs_pb2.GetModelStatusRequest()
+        self._spec(request.model_spec, version)
+        return request
+
+    @staticmethod
+    def _versions(response: tfs_pb2.GetModelStatusResponse) -> dict[int, str]:
+        return {
+            int(s.version): tfs_pb2.ModelVersionStatus.State.Name(s.state)
+            for s in response.model_version_status
+        }
+
+    def _prediction(self, response: tfs_pb2.PredictResponse, version: int | None) -> Prediction:
+        try:
+            outputs = {name: array_from_tensor(t) for name, t in response.outputs.items()}
+            classes = outputs["classes"]
+            return Prediction(
+                class_ids=outputs["class_ids"].astype(np.int32),
+                classes=[[c.decode() for c in row] for row in classes],
+                scores=outputs["scores"].astype(np.float32),
+                weights=[w.decode() for w in outputs["weights"]],
+                version=int(response.model_spec.version.value),
+            )
+        except KeyError as exc:
+            raise InferenceError(
+                f"{self._where(version)}: response lacks output {exc}; "
+                "is this model exported by `serving export`?"
+            ) from None
+
+    def _call(
+        self,
+        method: Callable[..., R],
+        request: Message,
+        version: int | None,
+        *,
+        budget_s: float | None = None,
+    ) -> R:
+        """One RPC with a deadline, retried on transient codes within the budget."""
+        budget = self.retry_budget_s if budget_s is None else budget_s
+        give_up = time.monotonic() + budget
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return method(request, timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+                details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                message = f"{self._where(version)}: {code.name}: {details}"
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise ModelNotFound(message) from None
+                if code not in _TRANSIENT:
+                    raise InferenceError(message) from None
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    raise ModelUnavailable(
+                        f"{message} (gave up after {attempt} attempts)"
+                    ) from None
+                pause = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+                log.debug("%s; retry %d in %.2fs", message, attempt, pause)
+                time.sleep(min(pause, remaining))

@@ -1,0 +1,79 @@
+"""The one typed settings object.
+
+Read once from ``LABELMILL_*`` environment variables in an entry point, then
+passed down explicitly. CLI flags override fields with ``model_copy``. S3 is
+configured through the AWS SDK's own variables (``AWS_ENDPOINT_URL_S3``,
+``AWS_ACCESS_KEY_ID``..., ``AWS_REGION``), not through these settings.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
+
+
+class Settings(BaseSettings):
+    """Every labelmill setting; environment variable = ``LABELMILL_`` + upper name."""
+
+    model_config = SettingsConfigDict(env_prefix="LABELMILL_", extra="ignore")
+
+    # Broker and ledger share one Redis.
+    redis_url: str = "redis://localhost:6379/0"
+    key_prefix: str = "labelmill"
+    ledger_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+    # Model server (TF Serving or `serving local`).
+    model_server: str = "localhost:8500"
+    model_name: str = "inception"
+    model_version: int | None = None
+    model_timeout_s: float = Field(default=60.0, gt=0)
+
+    # Jobs.
+    batch_size: int = Field(default=32, ge=1, le=1024)
+    max_outstanding: int = Field(default=10_000, ge=1)
+
+    # Input limits and policy.
+    max_object_bytes: int = Field(default=50_000_000, ge=1)
+    max_pixels: int = Field(default=100_000_000, ge=1)
+    allowed_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_FORMATS)
+    )
+    allow_local_files: bool = True
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Worker behaviour.
+    # Bytes in flight per worker process are bounded by
+    # fetch_concurrency * max_object_bytes: each fetch thread holds one object
+    # at most and decodes it before taking the next.
+    fetch_concurrency: int = Field(default=8, ge=1)
+    retry_budget_s: float = Field(default=900.0, gt=0)
+    max_deliveries: int = Field(default=5, ge=1)
+    visibility_timeout_s: int = Field(default=3600, ge=10)
+    metrics_port: int | None = None
+
+    # Object storage deadlines (boto3).
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0)
+    s3_read_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("allowed_formats", "allowed_buckets", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        names = [v.upper() for v in value]
+        unknown = [n for n in names if n not in Image.OPEN]
+        if unknown:
+            raise ValueError(f"unknown image formats {unknown}; Pillow names such as JPEG, PNG")
+        return names

@@ -1,0 +1,324 @@
+"""The local stack: every labelmill service as a process on this machine.
+
+``python -m labelmill.stack up`` writes a Procfile under the stack folder
+(default ``.stack/``) and runs it with honcho: Redis (AOF on), SeaweedFS's S3
+gateway, ``serving local`` on the exported model, Celery workers and Flower.
+It waits until each service answers, prints where everything is, and either
+stays in the foreground (Ctrl-C stops everything) or detaches (``--detach``;
+``down`` stops it). Data and one log file per service stay in the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCAL_ACCESS_KEY = "labelmill"
+LOCAL_SECRET_KEY = "labelmill-local-secret"  # local development stack only
+
+
+@dataclass(frozen=True)
+class Ports:
+    redis: int = 6379
+    s3: int = 8333
+    model: int = 8500
+    flower: int = 5555
+    weed_master: int = 9333
+    weed_volume: int = 8080
+    weed_filer: int = 8888
+
+    def all(self) -> dict[str, int]:
+        # SeaweedFS also listens on each of its ports + 10000 for gRPC.
+        named = dict(vars(self))
+        for name in ("s3", "weed_master", "weed_volume", "weed_filer"):
+            named[f"{name}_grpc"] = named[name] + 10000
+        return named
+
+
+class StackError(Exception):
+    """A one-line reason the stack cannot start or stop."""
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise StackError(f"{name} not found; run `make install` (see README: troubleshooting)")
+    return found
+
+
+def env_for(ports: Ports) -> dict[str, str]:
+    """The variables every labelmill process of the local stack uses."""
+    return {
+        "LABELMILL_REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0",
+        "LABELMILL_MODEL_SERVER": f"127.0.0.1:{ports.model}",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{ports.s3}",
+        "AWS_ACCESS_KEY_ID": LOCAL_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": LOCAL_SECRET_KEY,
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+    }
+
+
+def procfile(root: Path, ports: Ports, *, workers: int, model_base: Path) -> str:
+    """One line per service; each appends its output to ``logs/<name>.log``."""
+    logs = root / "logs"
+    data = root / "data"
+    q = shlex.quote
+    redis = [
+        _bin("redis-server"), "--bind", "127.0.0.1", "--port", str(ports.redis),
+        "--dir", str(data / "redis"), "--appendonly", "yes", "--appendfsync", "everysec",
+        "--maxmemory-policy", "noeviction", "--save", "",
+    ]  # fmt: skip
+    weed = [
+        _bin("weed"), "server", f"-dir={data / 's3'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={ports.weed_master}", f"-volume.port={ports.weed_volume}",
+        f"-filer.port={ports.weed_filer}", "-master.volumeSizeLimitMB=256",
+        "-s3", f"-s3.port={ports.s3}", f"-s3.config={root / 's3.json'}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0",
+        "-master.electionTimeout=1s", "-master.telemetry=false",
+    ]  # fmt: skip
+    model = [
+        sys.executable, "-m", "serving", "local", "--model-base-path", str(model_base),
+        "--host", "127.0.0.1", "--port", str(ports.model),
+    ]  # fmt: skip
+    worker = [
+        sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "classify",
+        "-c", str(workers), "-n", "local@%h", "-l", "INFO",
+    ]  # fmt: skip
+    flower = [
+        sys.executable, "-m", "celery", "-A", "workers", "flower", "--address=127.0.0.1",
+        f"--port={ports.flower}", "--purge_offline_workers=60",
+    ]  # fmt: skip
+    lines = []
+    for name, argv in (
+        ("redis", redis),
+        ("s3", weed),
+        ("model", model),
+        ("worker", worker),
+        ("flower", flower),
+    ):
+        cmd = " ".join(q(a) for a in argv)
+        # weed reads master.toml from its working directory.
+        cd = f"cd {q(str(data / 's3'))} && " if name == "s3" else ""
+        lines.append(f"{name}: {cd}exec {cmd} >> {q(str(logs / (name + '.log')))} 2>&1")
+    return "\n".join(lines) + "\n"
+
+
+def s3_config() -> str:
+    return json.dumps(
+        {
+            "identities": [
+                {
+                    "name": "labelmill",
+                    "credentials": [{"accessKey": LOCAL_ACCESS_KEY, "secretKey": LOCAL_SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        },
+        indent=2,
+    )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait(
+    check: Callable[[], bool], what: str, timeout: float, honcho: subprocess.Popen[bytes]
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if honcho.poll() is not None:
+            raise StackError(f"the stack stopped while waiting for {what}; see the logs folder")
+        try:
+            if check():
+                return
+        except Exception:  # not up yet
+            pass
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} not healthy after {timeout:.0f}s; see the logs folder")
+        time.sleep(0.25)
+
+
+def _checks(root: Path, ports: Ports) -> list[tuple[str, Callable[[], bool], float]]:
+    import boto3
+    import redis
+    from botocore.config import Config
+
+    from labelmill.model_client import ModelClient
+
+    env = env_for(ports)
+
+    def redis_ok() -> bool:
+        return bool(redis.Redis(port=ports.redis, socket_timeout=1).ping())
+
+    def s3_ok() -> bool:
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+            aws_access_key_id=LOCAL_ACCESS_KEY,
+            aws_secret_access_key=LOCAL_SECRET_KEY,
+            region_name="us-east-1",
+            config=Config(connect_timeout=1, read_timeout=3, retries={"max_attempts": 1}),
+        )
+        s3.list_buckets()
+        return True
+
+    def model_ok() -> bool:
+        with ModelClient(env["LABELMILL_MODEL_SERVER"], timeout_s=2, retry_budget_s=0.1) as c:
+            return "AVAILABLE" in c.model_versions().values()
+
+    def worker_ok() -> bool:
+        return " ready." in (root / "logs" / "worker.log").read_text(errors="replace")
+
+    def flower_ok() -> bool:
+        with socket.create_connection(("127.0.0.1", ports.flower), timeout=1):
+            return True
+
+    return [
+        ("redis", redis_ok, 30),
+        ("s3", s3_ok, 90),
+        ("model", model_ok, 300),
+        ("worker", worker_ok, 90),
+        ("flower", flower_ok, 60),
+    ]
+
+
+def up(root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool) -> int:
+    """Start every service; return when healthy (detach) or when stopped."""
+    root = root.resolve()
+    pidfile = root / "stack.pid"
+    if pidfile.exists() and _alive(int(pidfile.read_text())):
+        raise StackError(
+            f"the stack is already running (pid {pidfile.read_text().strip()}); `make down` first"
+        )
+    busy = [f"{n}={p}" for n, p in ports.all().items() if not _port_free(p)]
+    if busy:
+        raise StackError(f"ports in use: {', '.join(busy)} (see README: troubleshooting)")
+    if not any(p.name.isdigit() for p in model_base.glob("*")):
+        raise StackError(
+            f"no model version under {model_base}; run `make demo` or `serving export`"
+        )
+    for sub in ("logs", "data/redis", "data/s3"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "s3.json").write_text(s3_config())
+    # One volume per bucket instead of seven: quick to start on a small machine.
+    (root / "data" / "s3" / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
+    (root / "Procfile").write_text(procfile(root, ports, workers=workers, model_base=model_base))
+    env = {**os.environ, **env_for(ports), "PYTHONUNBUFFERED": "1"}
+    (root / "env").write_text(
+        "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env_for(ports).items())
+    )
+    honcho_log = open(root / "logs" / "honcho.log", "ab")  # noqa: SIM115 - lives with the process
+    honcho = subprocess.Popen(
+        [_bin("honcho"), "start", "-f", str(root / "Procfile"), "-d", str(Path.cwd())],
+        env=env,
+        stdout=honcho_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    pidfile.write_text(str(honcho.pid))
+    try:
+        for name, check, timeout in _checks(root, ports):
+            print(f"  waiting for {name}...", flush=True)
+            _wait(check, name, timeout, honcho)
+    except BaseException:
+        _stop(honcho.pid)
+        pidfile.unlink(missing_ok=True)
+        raise
+    print(
+        f"labelmill stack ready (logs in {root / 'logs'}):\n"
+        f"  redis   redis://127.0.0.1:{ports.redis}/0\n"
+        f"  s3      http://127.0.0.1:{ports.s3}  (key {LOCAL_ACCESS_KEY})\n"
+        f"  model   127.0.0.1:{ports.model}  ({model_base})\n"
+        f"  flower  http://127.0.0.1:{ports.flower}\n"
+        f"  use it: source {root / 'env'}",
+        flush=True,
+    )
+    if detach:
+        return 0
+    stop = lambda *_: _stop(honcho.pid)  # noqa: E731
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = honcho.wait()
+    pidfile.unlink(missing_ok=True)
+    return code
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _stop(pid: int, timeout: float = 60) -> None:
+    """SIGTERM honcho's process group (honcho stops its children), then SIGKILL."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+
+
+def down(root: Path) -> int:
+    pidfile = root / "stack.pid"
+    if not pidfile.exists():
+        print("the stack is not running")
+        return 0
+    _stop(int(pidfile.read_text()))
+    pidfile.unlink(missing_ok=True)
+    print("the stack is stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labelmill.stack", description=__doc__)
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--dir", type=Path, default=Path(".stack"))
+    parser.add_argument("--detach", action="store_true")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--model-base", type=Path, default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "down":
+            return down(args.dir)
+        model_base = args.model_base or args.dir / "models" / "inception"
+        return up(
+            args.dir, Ports(), workers=args.workers, model_base=model_base, detach=args.detach
+        )
+    except StackError as exc:
+        print(f"stack: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

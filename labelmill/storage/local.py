@@ -1,0 +1,235 @@
+"""The local filesystem behind ``file://`` URIs.
+
+Listing walks one directory at a time with :func:`os.scandir`, each
+directory's entries sorted by name with directories compared as
+``name + "/"``, so the order equals the sorted full paths (S3's order) and
+memory holds one directory's names plus the current depth, never the
+whole tree. Symlinked directories are not entered; symlinked files are
+listed only when they resolve inside the listed directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+
+from labelmill.errors import ImageError, StorageUnavailable, UsageError
+from labelmill.storage.uris import ObjectInfo
+
+logger = logging.getLogger(__name__)
+
+_NOT_FOUND = (errno.ENOENT, errno.ENOTDIR)
+
+
+def local_etag(st: os.stat_result) -> str:
+    """Change marker for a local file: modification time and size, in hex."""
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _uri(path: str) -> str:
+    return "file://" + path
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+class LocalFiles:
+    """Reads and writes files under absolute paths taken from ``file://`` URIs."""
+
+    def list(self, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
+        """Regular files whose path starts with ``prefix``, in sorted path order."""
+        if not prefix.endswith("/") and os.path.isdir(prefix):
+            prefix += "/"
+        directory, _, name_prefix = prefix.rpartition("/")
+        directory += "/"
+        return self._walk(directory, name_prefix, start_after, os.path.realpath(directory))
+
+    def _walk(
+        self, directory: str, name_prefix: str, start_after: str | None, real_root: str
+    ) -> Iterator[ObjectInfo]:
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(
+                    (e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e.is_symlink())
+                    for e in it
+                    if e.name.startswith(name_prefix)
+                )
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # unreadable subdirectory: say so, list the rest
+            logger.warning("cannot list %s: %s", _uri(directory), exc.strerror)
+            return
+        for name, is_link in entries:
+            path = directory + name
+            # A directory still matters when the resume point lies inside it.
+            if (
+                start_after is not None
+                and path <= start_after
+                and not (name.endswith("/") and start_after.startswith(path))
+            ):
+                continue
+            if name.endswith("/"):
+                yield from self._walk(path, "", start_after, real_root)
+                continue
+            info = self._file_info(path, is_link, real_root)
+            if info is not None:
+                yield info
+
+    def _file_info(self, path: str, is_link: bool, real_root: str) -> ObjectInfo | None:
+        try:
+            if is_link and not _inside(os.path.realpath(path), real_root):
+                logger.warning("skipping %s: symlink out of the listed directory", _uri(path))
+                return None
+            st = os.stat(path)
+        except OSError:  # removed while listing, or a dangling link
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return ObjectInfo(uri=_uri(path), size=st.st_size, etag=local_etag(st))
+
+    def get(self, path: str, max_bytes: int) -> tuple[bytes, str | None]:
+        """The file's bytes and etag; :class:`ImageError` for per-file failures."""
+        uri = _uri(path)
+        try:
+            # O_NONBLOCK: opening a FIFO must not hang the worker.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise _image_error(exc, uri) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageError("not_found", f"{uri} is a directory, not a file")
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError("forbidden", f"{uri} is not a regular file")
+            if st.st_size > max_bytes:
+                raise ImageError(
+                    "too_large", f"{uri} has {st.st_size} bytes, over the cap {max_bytes}"
+                )
+            data = _read_fd(fd, max_bytes + 1)  # the file may have grown since fstat
+        except OSError as exc:
+            raise _image_error(exc, uri) from None
+        finally:
+            os.close(fd)
+        if len(data) > max_bytes:
+            raise ImageError("too_large", f"{uri} has more than {max_bytes} bytes (the cap)")
+        return data, local_etag(st)
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            if exc.errno in _NOT_FOUND:
+                return None
+            raise _service_error(exc, _uri(path)) from None
+
+    def put(self, path: str, data: bytes, root: str | None) -> None:
+        """Write atomically (temp file + rename) without leaving ``root``."""
+        uri = _uri(path)
+        if path.endswith("/"):
+            raise UsageError(f"cannot write {uri}: it names a directory")
+        parent = os.path.dirname(path)
+        if root is not None and not _inside(path, root.rstrip("/") or "/"):
+            raise UsageError(f"refusing to write {uri}: outside {_uri(root)}")
+        try:
+            if root is not None:
+                existing = parent
+                while not os.path.lexists(existing):
+                    existing = os.path.dirname(existing)
+                self._check_contained(existing, root, uri)  # before creating anything
+            os.makedirs(parent, exist_ok=True)
+            if root is not None:
+                self._check_contained(parent, root, uri)
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".part")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)  # replaces a symlink at ``path``, never follows it
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise _service_error(exc, uri) from None
+
+    @staticmethod
+    def _check_contained(directory: str, root: str, uri: str) -> None:
+        if not _inside(directory, root.rstrip("/") or "/") and not _inside(root, directory):
+            raise UsageError(f"refusing to write {uri}: outside {_uri(root)}")
+        real_dir = os.path.realpath(directory)
+        real_root = os.path.realpath(root)
+        if _inside(directory, root.rstrip("/") or "/") and not _inside(real_dir, real_root):
+            raise UsageError(
+                f"refusing to write {uri}: a symlink leads out of {_uri(root)} (to {real_dir})"
+            )
+
+    def exists(self, path: str) -> bool:
+        return os.path.isfile(path)
+
+    def delete(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            if exc.errno not in _NOT_FOUND:
+                raise _service_error(exc, _uri(path)) from None
+
+    def check_access(self, path: str, write: bool) -> None:
+        uri = _uri(path)
+        directory = path if path.endswith("/") or os.path.isdir(path) else os.path.dirname(path)
+        if not write:
+            if not os.path.exists(path):
+                raise UsageError(f"{uri}: no such file or directory")
+            if not os.access(directory, os.R_OK | os.X_OK):
+                raise UsageError(f"{uri}: directory is not readable")
+            return
+        existing = directory.rstrip("/") or "/"
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f"{uri}: {existing} is a file, not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"{uri}: cannot create files under {existing} (permission denied)")
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        chunk = os.read(fd, min(1 << 20, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _image_error(exc: OSError, uri: str) -> Exception:
+    if exc.errno in _NOT_FOUND:
+        return ImageError("not_found", f"{uri} does not exist")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
+        return ImageError("forbidden", f"{uri}: {exc.strerror}")
+    if exc.errno == errno.EISDIR:
+        return ImageError("not_found", f"{uri} is a directory, not a file")
+    return StorageUnavailable(f"cannot read {uri}: {exc.strerror}")
+
+
+def _service_error(exc: OSError, uri: str) -> Exception:
+    if exc.errno in (
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.EEXIST,
+    ):
+        return UsageError(f"{uri}: {exc.strerror}")
+    return StorageUnavailable(f"{uri}: {exc.strerror}")

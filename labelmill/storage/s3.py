@@ -1,0 +1,258 @@
+"""S3 (and S3-compatible stores such as SeaweedFS) through boto3.
+
+Endpoint, region and credentials come from the AWS SDK's own chain
+(``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles...). botocore
+errors are mapped onto labelmill's hierarchy here, in one place.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from labelmill.errors import (
+    CredentialsError,
+    ImageError,
+    LabelmillError,
+    ServiceError,
+    StorageUnavailable,
+    UsageError,
+)
+from labelmill.settings import Settings
+from labelmill.storage.uris import ObjectInfo
+
+_CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "InvalidClientTokenId",
+        "AuthorizationHeaderMalformed",
+    }
+)
+_FORBIDDEN_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "InvalidObjectState", "403"})
+_MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+    }
+)
+# Bytes read per call while streaming a body, so the cap is checked as we go.
+_CHUNK = 1 << 20
+
+
+def make_client(settings: Settings) -> Any:
+    """A boto3 S3 client with deadlines and a pool sized for the fetch concurrency."""
+    config = Config(
+        connect_timeout=settings.s3_connect_timeout_s,
+        read_timeout=settings.s3_read_timeout_s,
+        # A few quick SDK retries smooth over blips; longer outages are the
+        # worker's retry budget's business (StorageUnavailable is transient).
+        retries={"mode": "standard", "total_max_attempts": 3},
+        max_pool_connections=max(10, settings.fetch_concurrency * 2),
+    )
+    # A private session: boto3's default session is not thread-safe to build clients from.
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _code(exc: ClientError) -> tuple[str, int]:
+    error = exc.response.get("Error", {})
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return str(error.get("Code") or status), status
+
+
+class S3Objects:
+    """The S3 side of :class:`labelmill.storage.Storage`; takes bucket and key apart."""
+
+    def __init__(self, settings: Settings, client: Any | None) -> None:
+        self._settings = settings
+        self._client = client
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """The one client, built on first use (boto3 clients are thread-safe)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = make_client(self._settings)
+        return self._client
+
+    def _endpoint(self) -> str:
+        try:
+            return str(self.client.meta.endpoint_url)
+        except Exception:  # the endpoint is only for the message
+            return "the S3 endpoint"
+
+    def _call(self, uri: str, op: Callable[[], Any]) -> Any:
+        try:
+            return op()
+        except (NoCredentialsError, PartialCredentialsError) as exc:
+            raise CredentialsError(f"{uri}: no usable S3 credentials ({exc})") from None
+        except HTTPClientError as exc:  # connection refused/reset, timeouts
+            raise StorageUnavailable(
+                f"{uri}: cannot reach S3 at {self._endpoint()}: {exc}"
+            ) from None
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"{uri}: S3 client error: {exc}") from None
+
+    def _mapped(self, exc: ClientError, uri: str) -> LabelmillError:
+        """Errors common to every operation; None-like cases are handled by callers."""
+        code, status = _code(exc)
+        if code in _CREDENTIAL_CODES:
+            return CredentialsError(
+                f"{uri}: S3 at {self._endpoint()} refused our credentials ({code})"
+            )
+        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+            return StorageUnavailable(f"{uri}: S3 answered {code} (HTTP {status})")
+        if code == "NoSuchBucket":
+            bucket = uri[len("s3://") :].partition("/")[0]
+            return UsageError(f"{uri}: bucket {bucket} does not exist")
+        if code in _FORBIDDEN_CODES or status == 403:
+            return CredentialsError(f"{uri}: S3 denied access ({code})")
+        return ServiceError(f"{uri}: S3 answered {code} (HTTP {status})")
+
+    def list(self, bucket: str, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        uri = f"s3://{bucket}/{prefix}"
+        pages = iter(self.client.get_paginator("list_objects_v2").paginate(**kwargs))
+        while True:
+            try:
+                page = self._call(uri, lambda: next(pages, None))
+            except ClientError as exc:
+                raise self._mapped(exc, uri) from None
+            if page is None:
+                return
+            for item in page.get("Contents", ()):
+                etag = item.get("ETag")
+                yield ObjectInfo(
+                    uri=f"s3://{bucket}/{item['Key']}",
+                    size=int(item.get("Size", 0)),
+                    etag=etag.strip('"') if etag else None,
+                )
+
+    def get(self, bucket: str, key: str, max_bytes: int) -> tuple[bytes, str | None]:
+        uri = f"s3://{bucket}/{key}"
+        try:
+            response = self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
+        except ClientError as exc:
+            code, _ = _code(exc)
+            if code in _MISSING_CODES or code == "NoSuchBucket":
+                raise ImageError("not_found", f"{uri} does not exist ({code})") from None
+            mapped = self._mapped(exc, uri)
+            if isinstance(mapped, CredentialsError) and code not in _CREDENTIAL_CODES:
+                raise ImageError("forbidden", f"{uri}: S3 denied access ({code})") from None
+            raise mapped from None
+        body = response["Body"]
+        try:
+            length = int(response.get("ContentLength") or 0)
+            if length > max_bytes:
+                raise ImageError("too_large", f"{uri} has {length} bytes, over the cap {max_bytes}")
+            data = self._call(uri, lambda: _read_capped(body, max_bytes + 1))
+        finally:
+            body.close()  # an unread body must not keep its pooled connection
+        if len(data) > max_bytes:
+            raise ImageError("too_large", f"{uri} has more than {max_bytes} bytes (the cap)")
+        etag = response.get("ETag")
+        return data, etag.strip('"') if etag else None
+
+    def read(self, bucket: str, key: str) -> bytes | None:
+        uri = f"s3://{bucket}/{key}"
+        try:
+            response = self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
+            return bytes(self._call(uri, lambda: response["Body"].read()))
+        except ClientError as exc:
+            code, _ = _code(exc)
+            if code in _MISSING_CODES or code == "NoSuchBucket":
+                return None
+            raise self._mapped(exc, uri) from None
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        uri = f"s3://{bucket}/{key}"
+        try:
+            self._call(
+                uri,
+                lambda: self.client.put_object(
+                    Bucket=bucket, Key=key, Body=data, ContentType=content_type
+                ),
+            )
+        except ClientError as exc:
+            raise self._mapped(exc, uri) from None
+
+    def exists(self, bucket: str, key: str) -> bool:
+        uri = f"s3://{bucket}/{key}"
+        try:
+            self._call(uri, lambda: self.client.head_object(Bucket=bucket, Key=key))
+        except ClientError as exc:
+            code, _ = _code(exc)
+            if code in _MISSING_CODES or code == "NoSuchBucket":
+                return False
+            raise self._mapped(exc, uri) from None
+        return True
+
+    def delete(self, bucket: str, key: str) -> None:
+        uri = f"s3://{bucket}/{key}"
+        try:
+            self._call(uri, lambda: self.client.delete_object(Bucket=bucket, Key=key))
+        except ClientError as exc:
+            code, _ = _code(exc)
+            if code not in _MISSING_CODES:
+                raise self._mapped(exc, uri) from None
+
+    def check_access(self, bucket: str, key: str, write: bool) -> None:
+        uri = f"s3://{bucket}/{key}"
+        try:
+            if write:
+                self._call(uri, lambda: self.client.head_bucket(Bucket=bucket))
+            else:  # listing is what the producer needs, and its errors carry codes
+                self._call(
+                    uri,
+                    lambda: self.client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1),
+                )
+        except ClientError as exc:
+            code, _ = _code(exc)
+            if code in ("NoSuchBucket", "404", "NotFound"):
+                raise UsageError(f"{uri}: bucket {bucket} does not exist") from None
+            mapped = self._mapped(exc, uri)
+            if isinstance(mapped, ServiceError) and not isinstance(
+                mapped, (StorageUnavailable, CredentialsError)
+            ):
+                raise UsageError(str(mapped)) from None
+            raise mapped from None
+
+
+def _read_capped(body: Any, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``body``: a lying Content-Length cannot blow memory."""
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        chunk = body.read(min(_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)

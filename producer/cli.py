@@ -1,0 +1,367 @@
+"""The ``producer`` command: enqueue jobs and follow them.
+
+Exit codes: 0 success; 1 the job finished with error lines (``watch``);
+2 bad usage or unknown job; 3 a service unreachable or refusing
+credentials; 4 the job was cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Annotated
+
+import typer
+from celery import Celery
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from labelmill.errors import LabelmillError, ServiceError, UsageError
+from labelmill.jobs import status_dict
+from labelmill.ledger import Ledger
+from labelmill.model_client import ModelClient
+from labelmill.queue import make_celery
+from labelmill.settings import Settings
+from labelmill.storage import Storage
+from producer import enqueue as enq
+from producer import ops
+from producer.results import format_records, records
+from producer.watch import exit_code, summary, watch_json, watch_live
+
+try:  # typer bundles its own click
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import ClickException as _ClickException  # type: ignore[assignment]
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_SERVICE, EXIT_CANCELLED = 0, 1, 2, 3, 4
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Enqueue image-classification jobs and follow their progress.",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+
+@dataclass
+class Env:
+    """Services built lazily from one settings object."""
+
+    settings: Settings
+
+    @cached_property
+    def storage(self) -> Storage:
+        return Storage(self.settings)
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        s = self.settings
+        return Ledger.from_url(s.redis_url, prefix=s.key_prefix, ttl_s=s.ledger_ttl_s)
+
+    @cached_property
+    def celery(self) -> Celery:
+        return make_celery(self.settings)
+
+    def newest_version(self) -> int:
+        s = self.settings
+        if s.model_version is not None:
+            return s.model_version
+        with ModelClient(
+            s.model_server, s.model_name, timeout_s=10.0, retry_budget_s=10.0
+        ) as client:
+            return client.newest_available_version()
+
+
+def env(ctx: typer.Context) -> Env:
+    obj = ctx.obj
+    assert isinstance(obj, Env)
+    return obj
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="LABELMILL_REDIS_URL", help="Broker and ledger.")
+    ] = None,
+    model_server: Annotated[
+        str | None, typer.Option(envvar="LABELMILL_MODEL_SERVER", help="gRPC target.")
+    ] = None,
+    key_prefix: Annotated[str | None, typer.Option(envvar="LABELMILL_KEY_PREFIX")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Options shared by every subcommand (flag beats environment beats default)."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UsageError(f"bad setting {first['loc']}: {first['msg']}") from None
+    overrides = {
+        k: v
+        for k, v in {
+            "redis_url": redis_url,
+            "model_server": model_server,
+            "key_prefix": key_prefix,
+        }.items()
+        if v is not None
+    }
+    ctx.obj = Env(settings.model_copy(update=overrides))
+
+
+@app.command()
+def enqueue(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="s3://bucket/prefix/ or a local folder")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where labels go.")],
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, max=1024, envvar="LABELMILL_BATCH_SIZE")
+    ] = None,
+    max_outstanding: Annotated[
+        int | None, typer.Option(min=1, envvar="LABELMILL_MAX_OUTSTANDING")
+    ] = None,
+    job_id: Annotated[
+        str | None, typer.Option(help="Name the job; the same id resumes it.")
+    ] = None,
+    model_version: Annotated[
+        int | None, typer.Option(min=1, envvar="LABELMILL_MODEL_VERSION")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="List and count; enqueue nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """List images under SOURCE and enqueue them in batches."""
+    e = env(ctx)
+    s = e.settings.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "batch_size": batch_size,
+                "max_outstanding": max_outstanding,
+                "model_version": model_version,
+            }.items()
+            if v is not None
+        }
+    )
+    e.settings = s
+    if job_id is not None:
+        _check_job_id(job_id)
+    if dry_run:
+        result = enq.dry_run(e.storage, source, s.batch_size)
+    else:
+        show = not as_json and out.is_terminal
+        with out.status("listing and enqueuing...", spinner="dots") if show else _null():
+            result = enq.enqueue(
+                storage=e.storage,
+                ledger=e.ledger,
+                app=e.celery,
+                source=source,
+                output=output,
+                batch_size=s.batch_size,
+                max_outstanding=s.max_outstanding,
+                model_name=s.model_name,
+                resolve_version=e.newest_version,
+                job_id=job_id,
+                progress=None,
+            )
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    if result.dry_run:
+        out.print(
+            f"dry run: {result.images_total} images in {result.batches_total} batches; "
+            f"skipped {sum(result.skipped.values())} (not images)"
+        )
+        return
+    verb = "resumed" if result.resumed else "created"
+    out.print(
+        f"job [bold]{result.job_id}[/] {verb}: {result.new_batches} batches sent now, "
+        f"{result.images_total} images in {result.batches_total} batches, "
+        f"model version {result.model_version}"
+    )
+    out.print(f"follow it with: producer watch {result.job_id}")
+    # A plain, parseable last line for scripts.
+    print(result.job_id)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Print a job's state and counts."""
+    st = status_dict(env(ctx).ledger.counts(job_id))
+    if as_json:
+        print(json.dumps(st))
+        return
+    table = Table(title=f"{job_id} [{st['state']}]", show_header=False)
+    for key in ("images", "batches", "errors", "skipped", "model"):
+        table.add_row(key, json.dumps(st[key]))
+    table.add_row("images/s", str(st["images_per_s"]))
+    table.add_row("eta_s", str(st["eta_s"]))
+    table.add_row("output", st["output"])
+    out.print(table)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="One status object per line.")] = False,
+    interval: Annotated[float, typer.Option(min=0.05)] = 1.0,
+) -> None:
+    """Follow a job until it ends. Exit 0 done, 1 done with errors, 4 cancelled."""
+    e = env(ctx)
+    e.ledger.counts(job_id)  # unknown job -> exit 2 before anything is printed
+    if as_json:
+        st = watch_json(e.ledger, job_id, interval_s=interval)
+    else:
+        st = watch_live(e.ledger, job_id, out, interval_s=interval)
+        summary(out, st, e.storage)
+    raise typer.Exit(exit_code(st))
+
+
+@app.command()
+def jobs(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(min=1)] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Recent jobs, newest first."""
+    e = env(ctx)
+    rows = []
+    for job in e.ledger.recent_jobs(limit):
+        try:
+            rows.append(status_dict(e.ledger.counts(job)))
+        except UsageError:
+            continue  # expired between the two reads
+    if as_json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    table = Table(title="jobs")
+    for col in ("job", "state", "ok", "error", "total", "output"):
+        table.add_column(col)
+    for r in rows:
+        i = r["images"]
+        table.add_row(
+            r["job_id"], r["state"], str(i["ok"]), str(i["error"]), str(i["total"]), r["output"]
+        )
+    out.print(table)
+
+
+@app.command()
+def results(
+    ctx: typer.Context,
+    job_id: str,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
+    errors_only: Annotated[bool, typer.Option("--errors-only")] = False,
+) -> None:
+    """Stream a job's result lines from storage to stdout."""
+    if fmt not in ("jsonl", "csv"):
+        raise UsageError(f"--format must be jsonl or csv, not {fmt!r}")
+    e = env(ctx)
+    st = status_dict(e.ledger.counts(job_id))
+    for chunk in format_records(records(e.storage, st["output"]), fmt, errors_only=errors_only):
+        sys.stdout.write(chunk)
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_id: str) -> None:
+    """Cancel a job: batches not yet started are dropped, not run."""
+    dropped = ops.cancel(env(ctx).ledger, job_id)
+    out.print(f"cancelled {job_id}: {dropped} outstanding batches dropped")
+
+
+@app.command()
+def retry(
+    ctx: typer.Context, job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Re-run a job's dead batches and batches that have no part file."""
+    e = env(ctx)
+    res = ops.retry(e.storage, e.ledger, e.celery, job_id)
+    _print_resent(res, as_json)
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    job_id: str,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Needed when Redis lost the job.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Rebuild a job's ledger from storage and enqueue whatever is missing."""
+    e = env(ctx)
+    res = ops.reconcile(e.storage, e.ledger, e.celery, job_id, output=output)
+    _print_resent(res, as_json)
+
+
+def _print_resent(res: ops.Resent, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(res.as_dict()))
+        return
+    out.print(
+        f"{res.job_id}: re-sent {len(res.dead)} dead and {len(res.missing)} missing batches"
+        + ("; job complete, manifest rewritten" if res.finished else "")
+    )
+
+
+def _check_job_id(job_id: str) -> None:
+    ok = job_id and len(job_id) <= 128 and all(c.isalnum() or c in "-_." for c in job_id)
+    if not ok or job_id.startswith("."):
+        raise UsageError(f"bad job id {job_id!r}: use letters, digits, '-', '_' and '.'")
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _fail(exc: BaseException) -> None:
+    # One plain line, whatever the terminal width.
+    print(f"producer: {exc}".replace("\n", " "), file=sys.stderr)
+
+
+def main() -> None:
+    """Entry point: one-line errors and documented exit codes, never a traceback."""
+    try:
+        rv = app(standalone_mode=False)
+        if isinstance(rv, int):
+            sys.exit(rv)
+    except enq.Cancelled as exc:
+        err.print(f"producer: job {exc} was cancelled")
+        sys.exit(EXIT_CANCELLED)
+    except UsageError as exc:
+        _fail(exc)
+        sys.exit(EXIT_USAGE)
+    except ServiceError as exc:
+        _fail(exc)
+        sys.exit(EXIT_SERVICE)
+    except LabelmillError as exc:
+        _fail(exc)
+        sys.exit(EXIT_USAGE)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("producer: aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("producer: interrupted; run the same command again to resume")
+        sys.exit(130)
+    except _ClickException as exc:  # usage errors: missing option, bad value
+        print(f"producer: {exc.format_message()} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,222 @@
+"""``producer enqueue``: list, batch, pin the model version, feed a bounded window."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from labelmill.errors import JobNotFound, UsageError
+from labelmill.jobs import new_job_id, write_job_file, write_manifest
+from labelmill.ledger import JobSpec, Ledger
+from labelmill.queue import send_batch
+from labelmill.storage import ObjectStore, normalise_uri
+from producer.listing import Batch, batches
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The job was cancelled while enqueuing."""
+
+
+@dataclass
+class EnqueueResult:
+    job_id: str
+    state: str
+    new_batches: int
+    batches_total: int
+    images_total: int
+    skipped: dict[str, int]
+    model_version: int | None
+    output: str
+    resumed: bool
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "enqueued_batches": self.new_batches,
+            "batches_total": self.batches_total,
+            "images_total": self.images_total,
+            "skipped": self.skipped,
+            "model_version": self.model_version,
+            "output": self.output,
+            "resumed": self.resumed,
+            "dry_run": self.dry_run,
+        }
+
+
+Progress = Callable[[Batch], None]
+
+
+def dry_run(storage: ObjectStore, source: str, batch_size: int) -> EnqueueResult:
+    """List and count without writing anything anywhere."""
+    source = normalise_uri(source)
+    storage.check_access(source, write=False)
+    tail = None
+    images = 0
+    for b in batches(storage.list(source), batch_size):
+        images += len(b.uris)
+        tail = b
+    assert tail is not None
+    return EnqueueResult(
+        job_id="",
+        state="dry-run",
+        new_batches=0,
+        batches_total=tail.batch_no,
+        images_total=images,
+        skipped=dict(tail.skipped),
+        model_version=None,
+        output="",
+        resumed=False,
+        dry_run=True,
+    )
+
+
+def wait_for_room(
+    ledger: Ledger, job_id: str, max_outstanding: int, *, poll_s: float = 0.2
+) -> None:
+    """Block until fewer than ``max_outstanding`` of the job's batches are in flight."""
+    delay = poll_s
+    while True:
+        state, in_flight = ledger.window(job_id)
+        if state == "cancelled":
+            raise Cancelled(job_id)
+        if in_flight < max_outstanding:
+            return
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+
+
+def enqueue(
+    *,
+    storage: ObjectStore,
+    ledger: Ledger,
+    app: Celery,
+    source: str,
+    output: str,
+    batch_size: int,
+    max_outstanding: int,
+    model_name: str,
+    resolve_version: Callable[[], int],
+    job_id: str | None = None,
+    progress: Progress | None = None,
+) -> EnqueueResult:
+    """Create (or resume) a job and send all of its batches.
+
+    Resuming with the same job id continues after the last batch that was
+    sent; a job whose enqueuing completed sends nothing new.
+    """
+    source = normalise_uri(source)
+    output = normalise_uri(output)
+    storage.check_access(source, write=False)
+    storage.check_access(output, write=True)
+    ledger.ping()
+
+    job_id = job_id or new_job_id()
+    existing = None
+    with contextlib.suppress(JobNotFound):
+        existing = ledger.counts(job_id)
+    if existing is not None:
+        spec = existing.spec
+        if (spec.input, spec.output) != (source, output):
+            raise UsageError(
+                f"job {job_id} exists with input {spec.input} and output {spec.output}; "
+                "use another --job-id"
+            )
+        if existing.state == "cancelled":
+            raise Cancelled(job_id)
+        resumed = True
+    else:
+        version = resolve_version()
+        spec, created = ledger.create_job(
+            JobSpec(
+                job_id=job_id,
+                input=source,
+                output=output,
+                batch_size=batch_size,
+                model_name=model_name,
+                model_version=version,
+                created_at=time.time(),
+            )
+        )
+        resumed = not created
+        write_job_file(storage, spec, {"max_outstanding": max_outstanding})
+
+    counts = ledger.counts(job_id)
+    if counts.enqueue_complete:
+        return EnqueueResult(
+            job_id=job_id,
+            state=counts.state,
+            new_batches=0,
+            batches_total=counts.batches_total or 0,
+            images_total=counts.images_total,
+            skipped=counts.skipped,
+            model_version=spec.model_version,
+            output=output,
+            resumed=True,
+        )
+
+    listing = storage.list(source, start_after=counts.last_key or None)
+    images_total = counts.images_total
+    sent = 0
+    tail: Batch | None = None
+    for b in batches(
+        listing,
+        spec.batch_size,
+        first_batch_no=counts.batches_sent,
+        listed=counts.listed,
+        skipped=Counter(counts.skipped),
+        last_key=counts.last_key,
+    ):
+        tail = b
+        if not b.uris:
+            break
+        wait_for_room(ledger, job_id, max_outstanding)
+        # Outstanding before the message exists, so a fast worker cannot
+        # remove it before it is added; the position after, so a crash in
+        # between re-sends the batch (harmless) rather than losing it.
+        ledger.mark_outstanding(job_id, b.batch_no)
+        send_batch(
+            app, job_id=job_id, batch_no=b.batch_no, uris=b.uris, model_version=spec.model_version
+        )
+        images_total += len(b.uris)
+        sent += 1
+        ledger.record_enqueued(job_id, _position(b, images_total))
+        if progress:
+            progress(b)
+    assert tail is not None
+    claimed = ledger.finish_enqueue(job_id, tail.batch_no, _position(tail, images_total))
+    if claimed:
+        write_manifest(storage, ledger, job_id)
+    counts = ledger.counts(job_id)
+    return EnqueueResult(
+        job_id=job_id,
+        state=counts.state,
+        new_batches=sent,
+        batches_total=tail.batch_no,
+        images_total=images_total,
+        skipped=dict(tail.skipped),
+        model_version=spec.model_version,
+        output=output,
+        resumed=resumed,
+    )
+
+
+def _position(b: Batch, images_total: int) -> dict[str, str | int | float]:
+    fields: dict[str, str | int | float] = {
+        "batches_sent": b.batch_no + 1 if b.uris else b.batch_no,
+        "listed": b.listed,
+        "last_key": b.last_key,
+        "images_total": images_total,
+    }
+    fields.update({f"skip:{k}": v for k, v in b.skipped.items()})
+    return fields

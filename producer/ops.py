@@ -1,0 +1,142 @@
+"""Operator commands: cancel, retry dead or lost batches, reconcile from storage."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+
+from labelmill.errors import JobNotFound, UsageError
+from labelmill.jobs import job_dir, write_manifest
+from labelmill.ledger import JobSpec, Ledger
+from labelmill.queue import send_batch
+from labelmill.storage import ObjectStore, join_uri, normalise_uri
+from producer.listing import batches
+from producer.results import load_job_file, part_files, read_part
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resent:
+    """What `retry` or `reconcile` sent again."""
+
+    job_id: str
+    dead: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "dead_batches_resent": self.dead,
+            "missing_batches_resent": self.missing,
+            "job_finished": self.finished,
+        }
+
+
+def _resend_missing(
+    storage: ObjectStore, ledger: Ledger, app: Celery, spec: JobSpec, missing: set[int]
+) -> list[int]:
+    """Re-list the input and send the batches whose numbers are in ``missing``."""
+    sent: list[int] = []
+    if not missing:
+        return sent
+    for b in batches(storage.list(spec.input), spec.batch_size):
+        if b.uris and b.batch_no in missing:
+            ledger.mark_outstanding(spec.job_id, b.batch_no)
+            send_batch(
+                app,
+                job_id=spec.job_id,
+                batch_no=b.batch_no,
+                uris=b.uris,
+                model_version=spec.model_version,
+            )
+            sent.append(b.batch_no)
+    return sent
+
+
+def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Resent:
+    """Re-run dead batches, and batches that have neither a part file nor a message."""
+    counts = ledger.counts(job_id)
+    spec = counts.spec
+    out = Resent(job_id)
+    base = job_dir(spec)
+    for batch_no in ledger.dead_batches(job_id):
+        uris = [r["uri"] for r in read_part(storage, join_uri(base, f"part-{batch_no:09d}.jsonl"))]
+        if uris and ledger.reopen_dead(job_id, batch_no, len(uris)):
+            send_batch(
+                app, job_id=job_id, batch_no=batch_no, uris=uris, model_version=spec.model_version
+            )
+            out.dead.append(batch_no)
+    if counts.enqueue_complete and counts.batches_total:
+        have = {no for no, _uri in part_files(storage, base)}
+        queued = set(ledger.outstanding_batches(job_id))
+        lost = {
+            b
+            for b in range(counts.batches_total)
+            if b not in have and b not in queued and not ledger.is_done(job_id, b)
+        }
+        out.missing = _resend_missing(storage, ledger, app, spec, lost)
+    return out
+
+
+def reconcile(
+    storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str, *, output: str | None = None
+) -> Resent:
+    """Rebuild the ledger from storage and send whatever has no part file.
+
+    Works after Redis lost everything: the job spec is read from
+    ``<output>/<job>/_job.json`` when the ledger no longer knows the job.
+    """
+    try:
+        spec = ledger.counts(job_id).spec
+    except JobNotFound:
+        if output is None:
+            raise UsageError(
+                f"job {job_id} is not in Redis; pass --output to read its spec from storage"
+            ) from None
+        found = load_job_file(storage, join_uri(normalise_uri(output), job_id))
+        if found is None:
+            raise JobNotFound(f"no job {job_id} in Redis nor under {output}") from None
+        spec = found
+        ledger.restore_job(spec)
+
+    base = job_dir(spec)
+    done: dict[int, tuple[int, dict[str, int], bool]] = {}
+    for batch_no, uri in part_files(storage, base):
+        lines = read_part(storage, uri)
+        ok = sum(1 for r in lines if r["status"] == "ok")
+        errs = Counter(r["error"]["kind"] for r in lines if r["status"] == "error")
+        dead = bool(lines) and errs.get("dead", 0) == len(lines)
+        done[batch_no] = (ok, dict(errs), dead)
+
+    tail = None
+    images = 0
+    for b in batches(storage.list(spec.input), spec.batch_size):
+        images += len(b.uris)
+        tail = b
+    assert tail is not None
+    total = tail.batch_no
+    fields: dict[str, str | int | float] = {
+        "batches_sent": total,
+        "listed": tail.listed,
+        "last_key": tail.last_key,
+        "images_total": images,
+        **{f"skip:{k}": v for k, v in tail.skipped.items()},
+    }
+    ledger.reset_counts(job_id, done_batches=done, fields=fields)
+    missing = {b for b in range(total) if b not in done}
+    out = Resent(job_id, missing=_resend_missing(storage, ledger, app, spec, missing))
+    if ledger.finish_enqueue(job_id, total, {"state": "running"}):
+        write_manifest(storage, ledger, job_id)
+        out.finished = True
+    return out
+
+
+def cancel(ledger: Ledger, job_id: str) -> int:
+    """Cancel a job; returns how many outstanding batches were dropped."""
+    return ledger.cancel(job_id)

@@ -1,0 +1,136 @@
+"""The ``serving`` command: ``export`` a model version, run ``local`` TF Serving.
+
+Exit codes: 0 ok, 1 unexpected failure, 2 bad arguments or unusable weights,
+3 the server could not start (address in use).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+try:  # typer >= 0.22 vendors click
+    from typer._click.exceptions import UsageError as CommandLineError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import UsageError as CommandLineError  # type: ignore[assignment]
+
+from labelmill.errors import ServiceError, UsageError
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_SERVICE = 3
+
+app = typer.Typer(
+    name="serving",
+    help="Export Inception-v3 for TF Serving, or serve it locally over TF Serving's gRPC API.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _quiet_tensorflow() -> None:
+    # TensorFlow's C++ INFO/WARNING lines would bury our one line per event.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Model base folder; writes OUT/VERSION/.")],
+    version: Annotated[
+        int | None, typer.Option(min=1, help="Version number [default: highest + 1].")
+    ] = None,
+    arch: Annotated[
+        str, typer.Option(help="inception_v3, or tiny (a fast stand-in for tests).")
+    ] = "inception_v3",
+    weights: Annotated[
+        str, typer.Option(help="imagenet (download), random (meaningless labels) or a file.")
+    ] = "imagenet",
+    seed: Annotated[int, typer.Option(help="Seed for random weights.")] = 1,
+) -> None:
+    """Write a SavedModel version folder that TF Serving loads unchanged."""
+    if arch not in ("inception_v3", "tiny"):
+        raise typer.BadParameter(f"{arch!r} is not one of inception_v3, tiny", param_hint="--arch")
+    _quiet_tensorflow()
+    _configure_logging()
+    from serving.export import export as write_export
+    from serving.model import build, warn_random
+
+    if version is not None and (out / str(version)).exists():
+        raise UsageError(f"{out / str(version)} exists already; versions are immutable")
+    if weights == "random":
+        warn_random(seed)
+    classifier = build(arch, weights, seed)  # type: ignore[arg-type]
+    path = write_export(classifier, out, version)
+    typer.echo(str(path))
+
+
+@app.command()
+def local(
+    model_base_path: Annotated[
+        Path, typer.Option("--model-base-path", help="Folder of integer version folders.")
+    ],
+    model_name: Annotated[str, typer.Option(help="Model name clients ask for.")] = "inception",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port.")] = 8500,
+    max_queue: Annotated[
+        int,
+        typer.Option(min=0, help="Predict requests in flight before UNAVAILABLE (0: refuse all)."),
+    ] = 64,
+    bf16: Annotated[
+        bool, typer.Option("--bf16", help="oneDNN bfloat16 auto mixed precision (AMX/AVX-512).")
+    ] = False,
+    poll_s: Annotated[
+        float, typer.Option(min=0.05, help="Seconds between scans for new versions.")
+    ] = 2.0,
+) -> None:
+    """Serve the two newest versions over TF Serving's gRPC API until SIGTERM."""
+    _quiet_tensorflow()
+    _configure_logging()
+    from serving.local import LocalConfig, serve
+
+    config = LocalConfig(
+        model_base_path=model_base_path,
+        model_name=model_name,
+        host=host,
+        port=port,
+        max_queue=max_queue,
+        bf16=bf16,
+        poll_s=poll_s,
+    )
+    raise typer.Exit(serve(config))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors, documented exit codes, no tracebacks for users."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="serving", standalone_mode=False)
+    except CommandLineError as exc:
+        print(f"serving: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except typer.Abort:
+        sys.exit(130)
+    except UsageError as exc:
+        print(f"serving: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except ServiceError as exc:
+        print(f"serving: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_SERVICE)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

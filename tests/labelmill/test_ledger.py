@@ -1,0 +1,146 @@
+"""The ledger against a real Redis: exact counters, exactly-once completion."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from labelmill.errors import JobNotFound, LedgerUnavailable
+from labelmill.ledger import JobSpec, Ledger
+
+pytestmark = pytest.mark.integration
+
+
+def _spec(job_id: str = "j1") -> JobSpec:
+    return JobSpec(job_id, "s3://in/p/", "s3://out/l", 4, "inception", 2, time.time())
+
+
+@pytest.fixture
+def ledger(redis_url: str) -> Ledger:
+    return Ledger.from_url(redis_url, prefix="t", ttl_s=120)
+
+
+def test_create_is_idempotent_and_resumes(ledger: Ledger) -> None:
+    spec, created = ledger.create_job(_spec())
+    assert created
+    again, created2 = ledger.create_job(_spec())
+    assert not created2 and again.input == spec.input
+    assert ledger.counts("j1").state == "enqueuing"
+    assert ledger.recent_jobs() == ["j1"]
+
+
+def test_unknown_job(ledger: Ledger) -> None:
+    with pytest.raises(JobNotFound):
+        ledger.counts("nope")
+    with pytest.raises(JobNotFound):
+        ledger.window("nope")
+
+
+def test_complete_counts_once_and_claims_once(ledger: Ledger) -> None:
+    ledger.create_job(_spec())
+    for b in range(3):
+        ledger.mark_outstanding("j1", b)
+    ledger.record_enqueued("j1", {"batches_sent": 3, "images_total": 10})
+    assert ledger.complete_batch("j1", 0, ok=3, errors={"decode": 1}) == (True, False)
+    # Redelivery: not counted again.
+    assert ledger.complete_batch("j1", 0, ok=3, errors={"decode": 1}) == (False, False)
+    assert ledger.finish_enqueue("j1", 3, {}) is False
+    assert ledger.complete_batch("j1", 1, ok=4, errors={}, weights="random:seed=1") == (True, False)
+    assert ledger.complete_batch("j1", 2, ok=0, errors={"dead": 2}, dead=True) == (True, True)
+    assert ledger.complete_batch("j1", 2, ok=0, errors={"dead": 2}, dead=True) == (False, False)
+    c = ledger.counts("j1")
+    assert (c.images_ok, c.images_error, c.batches_done, c.batches_dead) == (7, 3, 3, 1)
+    assert c.errors == {"decode": 1, "dead": 2}
+    assert c.model_weights == "random:seed=1"
+    assert ledger.r.zcard("t:outstanding") == 0
+    assert ledger.dead_batches("j1") == [2]
+
+
+def test_finish_enqueue_claims_when_batches_already_done(ledger: Ledger) -> None:
+    ledger.create_job(_spec())
+    ledger.complete_batch("j1", 0, ok=1, errors={})
+    assert ledger.finish_enqueue("j1", 1, {"images_total": 1}) is True
+    assert ledger.counts("j1").state == "running"
+    ledger.mark_done("j1")
+    assert ledger.counts("j1").state == "done"
+    assert 0 < ledger.r.ttl("t:job:j1") <= 120
+
+
+def test_empty_job_completes_at_enqueue(ledger: Ledger) -> None:
+    ledger.create_job(_spec())
+    assert ledger.finish_enqueue("j1", 0, {}) is True
+
+
+def test_racing_completions_claim_exactly_once(ledger: Ledger) -> None:
+    ledger.create_job(_spec())
+    n = 40
+    ledger.finish_enqueue("j1", n, {})
+    claims: list[bool] = []
+    lock = threading.Lock()
+
+    def work(b: int) -> None:
+        for _ in range(2):  # every batch delivered twice
+            _counted, claimed = ledger.complete_batch("j1", b, ok=1, errors={})
+            with lock:
+                claims.append(claimed)
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert claims.count(True) == 1
+    assert ledger.counts("j1").images_ok == n
+
+
+def test_window_and_cancel(ledger: Ledger) -> None:
+    ledger.create_job(_spec())
+    for b in range(5):
+        ledger.mark_outstanding("j1", b)
+    ledger.mark_outstanding("other", 0)
+    ledger.record_enqueued("j1", {"batches_sent": 5})
+    ledger.complete_batch("j1", 0, ok=1, errors={})
+    assert ledger.window("j1") == ("enqueuing", 4)
+    assert sorted(ledger.outstanding_batches("j1")) == [1, 2, 3, 4]
+    assert ledger.cancel("j1") == 4
+    assert ledger.window("j1")[0] == "cancelled"
+    assert ledger.r.zrange("t:outstanding", 0, -1) == ["other:0"]
+    # A cancelled job never completes.
+    assert ledger.finish_enqueue("j1", 5, {}) is False
+
+
+def test_reopen_dead_undoes_counts_once(ledger: Ledger) -> None:
+    ledger.create_job(_spec())
+    ledger.finish_enqueue("j1", 2, {})
+    ledger.complete_batch("j1", 0, ok=4, errors={})
+    ledger.complete_batch("j1", 1, ok=0, errors={"dead": 3}, dead=True)
+    ledger.mark_done("j1")
+    assert ledger.reopen_dead("j1", 1, 3) is True
+    assert ledger.reopen_dead("j1", 1, 3) is False
+    c = ledger.counts("j1")
+    assert c.state == "running"
+    assert (c.images_error, c.batches_done, c.batches_dead, c.errors) == (0, 1, 0, {})
+    assert ledger.complete_batch("j1", 1, ok=3, errors={}) == (True, True)
+
+
+def test_reset_counts_rebuilds_from_storage_view(ledger: Ledger) -> None:
+    ledger.restore_job(_spec())
+    ledger.reset_counts(
+        "j1",
+        done_batches={0: (3, {"decode": 1}, False), 2: (0, {"dead": 4}, True)},
+        fields={"images_total": 12, "batches_sent": 3},
+    )
+    c = ledger.counts("j1")
+    assert (c.images_ok, c.images_error, c.batches_done, c.batches_dead) == (3, 5, 2, 1)
+    assert ledger.is_done("j1", 2) and not ledger.is_done("j1", 1)
+    assert ledger.finish_enqueue("j1", 3, {}) is False
+    ledger.complete_batch("j1", 1, ok=4, errors={})
+    assert ledger.counts("j1").state == "running"
+
+
+def test_unreachable_redis_is_a_service_error() -> None:
+    ledger = Ledger.from_url("redis://127.0.0.1:1/0")
+    with pytest.raises(LedgerUnavailable):
+        ledger.ping()

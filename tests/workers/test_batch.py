@@ -1,0 +1,196 @@
+"""The batch body with in-memory storage and a fake model; the ledger is real Redis."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from labelmill.errors import InferenceError, ModelNotFound, ModelUnavailable, StorageUnavailable
+from labelmill.ledger import JobSpec, Ledger
+from labelmill.model_client import Prediction
+from labelmill.records import loads_lines
+from labelmill.settings import Settings
+from labelmill.storage import MemoryStorage
+from tests import images
+from workers.batch import Services, run_batch
+
+pytestmark = pytest.mark.integration  # the ledger is a real Redis
+
+
+class FakeModel:
+    """Answers like the model server; can fail a given number of times."""
+
+    def __init__(self, version: int = 3) -> None:
+        self.version = version
+        self.calls: list[tuple[int, int | None]] = []
+        self.failures: list[Exception] = []
+
+    def predict(self, batch: np.ndarray, *, version: int | None = None) -> Prediction:
+        self.calls.append((len(batch), version))
+        if self.failures:
+            raise self.failures.pop(0)
+        n = len(batch)
+        means = batch.reshape(n, -1).mean(axis=1)
+        ids = np.array([[int(m) % 1000, 1, 2, 3, 4] for m in means], dtype=np.int32)
+        return Prediction(
+            class_ids=ids,
+            classes=[[f"class-{i}" for i in row] for row in ids],
+            scores=np.tile(np.array([0.5, 0.2, 0.1, 0.1, 0.1], np.float32), (n, 1)),
+            weights=["random:seed=1"] * n,
+            version=self.version,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def svc(redis_url: str) -> Iterator[Services]:
+    settings = Settings(redis_url=redis_url, retry_budget_s=2.0, max_deliveries=3)
+    s = Services(
+        settings=settings,
+        storage=MemoryStorage(settings),
+        ledger=Ledger.from_url(redis_url),
+        model=FakeModel(),  # type: ignore[arg-type]
+    )
+    yield s
+    s.close()
+
+
+def _job(svc: Services, n_batches: int = 1) -> JobSpec:
+    spec, _ = svc.ledger.create_job(
+        JobSpec("j", "s3://src-bucket/p/", "s3://dst-bucket/l", 4, "inception", 3, 1.0)
+    )
+    svc.ledger.finish_enqueue("j", n_batches, {"images_total": 4 * n_batches})
+    return spec
+
+
+def _put(svc: Services, name: str, data: bytes) -> str:
+    uri = f"s3://src-bucket/p/{name}"
+    svc.storage.put(uri, data)
+    return uri
+
+
+def _part(svc: Services, batch: int = 0) -> list[dict[str, Any]]:
+    data = svc.storage.read(f"s3://dst-bucket/l/j/part-{batch:09d}.jsonl")
+    assert data is not None
+    return loads_lines(data)
+
+
+def test_good_and_bad_images_each_get_one_line(svc: Services) -> None:
+    _job(svc)
+    uris = [
+        _put(svc, "a.jpg", images.jpeg(40, 30, seed=1)),
+        _put(svc, "b.png", b""),
+        _put(svc, "c.jpg", images.truncated_jpeg()),
+        "s3://src-bucket/p/gone.jpg",
+    ]
+    out = run_batch(svc, job_id="j", batch_no=0, uris=uris)
+    assert out.status == "done" and out.finished_job
+    lines = _part(svc)
+    assert [r["uri"] for r in lines] == uris
+    assert [r["status"] for r in lines] == ["ok", "error", "error", "error"]
+    assert [r.get("error", {}).get("kind") for r in lines[1:]] == ["empty", "decode", "not_found"]
+    assert lines[0]["model"] == {
+        "name": "inception",
+        "version": 3,
+        "weights": "random:seed=1",
+        "note": "random weights: labels are meaningless",
+    }
+    assert svc.model.calls == [(1, 3)]  # type: ignore[attr-defined]
+    manifest = json.loads(svc.storage.read("s3://dst-bucket/l/j/_manifest.json") or b"{}")
+    assert manifest["images"]["ok"] == 1 and manifest["errors"]["not_found"] == 1
+    assert svc.storage.exists("s3://dst-bucket/l/j/_SUCCESS")
+    assert svc.ledger.counts("j").state == "done"
+
+
+def test_redelivery_is_a_no_op(svc: Services) -> None:
+    _job(svc, n_batches=2)
+    uris = [_put(svc, "a.jpg", images.jpeg(20, 20))]
+    run_batch(svc, job_id="j", batch_no=0, uris=uris)
+    before = svc.storage.read("s3://dst-bucket/l/j/part-000000000.jsonl")
+    again = run_batch(svc, job_id="j", batch_no=0, uris=uris)
+    assert again.status == "skipped:already-done"
+    assert svc.storage.read("s3://dst-bucket/l/j/part-000000000.jsonl") == before
+    assert svc.ledger.counts("j").images_ok == 1
+
+
+def test_model_down_then_up_is_retried(svc: Services) -> None:
+    _job(svc)
+    svc.model.failures = [ModelUnavailable("down"), ModelUnavailable("down")]  # type: ignore[attr-defined]
+    out = run_batch(svc, job_id="j", batch_no=0, uris=[_put(svc, "a.jpg", images.jpeg())])
+    assert out.status == "done" and out.ok == 1
+
+
+def test_model_down_past_budget_makes_the_batch_dead(svc: Services) -> None:
+    _job(svc)
+    svc.model.failures = [ModelUnavailable("down")] * 1000  # type: ignore[attr-defined]
+    uris = [_put(svc, "a.jpg", images.jpeg()), _put(svc, "b.jpg", images.jpeg(seed=2))]
+    out = run_batch(svc, job_id="j", batch_no=0, uris=uris)
+    assert out.status == "dead"
+    lines = _part(svc)
+    assert [r["error"]["kind"] for r in lines] == ["dead", "dead"]
+    assert "retry budget" in lines[0]["error"]["message"]
+    assert svc.ledger.dead_batches("j") == [0]
+
+
+def test_invalid_batch_gives_inference_lines(svc: Services) -> None:
+    _job(svc)
+    svc.model.failures = [InferenceError("bad shape")]  # type: ignore[attr-defined]
+    out = run_batch(svc, job_id="j", batch_no=0, uris=[_put(svc, "a.jpg", images.jpeg())])
+    assert out.errors == {"inference": 1}
+    assert svc.model.calls == [(1, 3)]  # type: ignore[attr-defined]  # not retried
+
+
+def test_unserved_version_is_dead_at_once(svc: Services) -> None:
+    _job(svc)
+    svc.model.failures = [ModelNotFound("inception version 3 is not served")]  # type: ignore[attr-defined]
+    out = run_batch(svc, job_id="j", batch_no=0, uris=[_put(svc, "a.jpg", images.jpeg())])
+    assert out.status == "dead"
+    assert "not served" in _part(svc)[0]["error"]["message"]
+    assert svc.model.calls == [(1, 3)]  # type: ignore[attr-defined]  # not retried
+
+
+def test_transient_storage_errors_are_retried(svc: Services) -> None:
+    _job(svc)
+    uri = _put(svc, "a.jpg", images.jpeg())
+    svc.storage.fail(uri, StorageUnavailable("503 SlowDown"), times=2)  # type: ignore[attr-defined]
+    out = run_batch(svc, job_id="j", batch_no=0, uris=[uri])
+    assert out.ok == 1
+
+
+def test_too_many_deliveries_make_the_batch_dead(svc: Services) -> None:
+    _job(svc)
+    svc.ledger.r.hset("labelmill:job:j:attempts", "0", 3)
+    out = run_batch(svc, job_id="j", batch_no=0, uris=[_put(svc, "a.jpg", images.jpeg())])
+    assert out.status == "dead" and out.attempt == 4
+    assert "delivered 4 times" in _part(svc)[0]["error"]["message"]
+    assert svc.model.calls == []  # type: ignore[attr-defined]
+
+
+def test_cancelled_and_unknown_jobs_are_dropped(svc: Services) -> None:
+    _job(svc)
+    svc.ledger.mark_outstanding("j", 0)
+    svc.ledger.cancel("j")
+    out = run_batch(svc, job_id="j", batch_no=0, uris=["s3://src-bucket/p/a.jpg"])
+    assert out.status == "skipped:cancelled"
+    assert run_batch(svc, job_id="nope", batch_no=0, uris=[]).status == "skipped:unknown-job"
+    assert svc.storage.read("s3://dst-bucket/l/j/part-000000000.jsonl") is None
+
+
+def test_local_files_refused_when_disabled(redis_url: str) -> None:
+    settings = Settings(redis_url=redis_url, allow_local_files=False, retry_budget_s=1)
+    svc = Services(
+        settings=settings,
+        storage=MemoryStorage(settings),
+        ledger=Ledger.from_url(redis_url),
+        model=FakeModel(),  # type: ignore[arg-type]
+    )
+    _job(svc)
+    out = run_batch(svc, job_id="j", batch_no=0, uris=["file:///etc/passwd"])
+    assert out.errors == {"forbidden": 1}
+    svc.close()

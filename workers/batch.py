@@ -1,0 +1,214 @@
+"""The batch task's body: fetch -> preprocess -> classify -> store -> ledger.
+
+Everything here is plain Python on injected services, so unit tests run it
+with in-memory fakes and integration tests with real servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from labelmill.errors import ImageError, InferenceError, ServiceError, TransientError
+from labelmill.jobs import job_dir, write_manifest
+from labelmill.ledger import Ledger
+from labelmill.model_client import ModelClient
+from labelmill.records import dumps_lines, error_record, ok_record, part_name
+from labelmill.retry import retry_transient
+from labelmill.settings import Settings
+from labelmill.storage import ObjectStore, join_uri
+from workers import metrics
+from workers.classify import classify
+from workers.fetch import Failed, Loaded, load_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What a worker process holds for its lifetime: one of each client."""
+
+    settings: Settings
+    storage: ObjectStore
+    ledger: Ledger
+    model: ModelClient
+    pool: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(
+            max_workers=self.settings.fetch_concurrency, thread_name_prefix="fetch"
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.model.close()
+
+
+@dataclass
+class Outcome:
+    """What happened to one delivery of a batch (for logs and tests)."""
+
+    status: str  # "done", "dead", "skipped:<why>"
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    attempt: int = 0
+    finished_job: bool = False
+
+
+def run_batch(
+    svc: Services,
+    *,
+    job_id: str,
+    batch_no: int,
+    uris: Sequence[str],
+    model_version: int | None = None,
+) -> Outcome:
+    """Process one delivery of a batch. Idempotent: a redelivery changes nothing."""
+    t0 = time.perf_counter()
+    s = svc.settings
+    budget = s.retry_budget_s
+    start = retry_transient(
+        lambda: svc.ledger.begin_batch(job_id, batch_no), budget_s=budget, what="ledger"
+    )
+    if start.spec is None:
+        log.warning("job %s batch %d: unknown job (expired?); dropped", job_id, batch_no)
+        svc.ledger.drop_outstanding(job_id, batch_no)
+        return Outcome("skipped:unknown-job", attempt=start.attempt)
+    if start.state == "cancelled":
+        svc.ledger.drop_outstanding(job_id, batch_no)
+        log.info("job %s batch %d: job cancelled; dropped", job_id, batch_no)
+        return Outcome("skipped:cancelled", attempt=start.attempt)
+    if start.already_done:
+        log.info("job %s batch %d: already done (redelivery); nothing to do", job_id, batch_no)
+        return Outcome("skipped:already-done", attempt=start.attempt)
+
+    spec = start.spec
+    version = model_version if model_version is not None else spec.model_version
+    records: list[dict[str, Any]]
+    dead_reason: str | None = None
+    if start.attempt > s.max_deliveries:
+        dead_reason = (
+            f"delivered {start.attempt} times (limit {s.max_deliveries}); "
+            "a worker died on every try"
+        )
+        records = []
+    else:
+        try:
+            records = _classify_batch(svc, spec.job_id, batch_no, uris, spec.model_name, version)
+        except TransientError as exc:
+            dead_reason = f"gave up after the {budget:.0f}s retry budget: {exc}"
+            records = []
+        except ServiceError as exc:  # unserved model version, refused credentials
+            dead_reason = f"{type(exc).__name__}: {exc}"
+            records = []
+        except Exception as exc:  # a bug must not lose the batch's lines
+            log.exception("job %s batch %d: unexpected error", job_id, batch_no)
+            dead_reason = f"internal error: {type(exc).__name__}: {exc}"
+            records = []
+    if dead_reason is not None:
+        log.error("job %s batch %d declared dead: %s", job_id, batch_no, dead_reason)
+        records = [
+            error_record(uri=u, kind="dead", message=dead_reason, job_id=job_id, batch=batch_no)
+            for u in uris
+        ]
+
+    part_uri = join_uri(job_dir(spec), part_name(batch_no))
+    body = dumps_lines(records)
+    retry_transient(
+        lambda: svc.storage.put(
+            part_uri, body, content_type="application/x-ndjson", root=spec.output
+        ),
+        budget_s=budget,
+        what=f"write {part_uri}",
+    )
+    ok = sum(1 for r in records if r["status"] == "ok")
+    errors = Counter(r["error"]["kind"] for r in records if r["status"] == "error")
+    weights = next((r["model"]["weights"] for r in records if r["status"] == "ok"), None)
+    counted, claimed = retry_transient(
+        lambda: svc.ledger.complete_batch(
+            job_id, batch_no, ok=ok, errors=errors, dead=dead_reason is not None, weights=weights
+        ),
+        budget_s=budget,
+        what="ledger",
+    )
+    if claimed:
+        retry_transient(
+            lambda: write_manifest(svc.storage, svc.ledger, job_id),
+            budget_s=budget,
+            what=f"manifest of {job_id}",
+        )
+        log.info("job %s complete: manifest written", job_id)
+    ms = (time.perf_counter() - t0) * 1000
+    metrics.record_batch(ok=ok, errors=errors, seconds=ms / 1000)
+    log.info(
+        "job=%s batch=%d images=%d ok=%d error=%d ms=%.0f attempt=%d model=%s:%s%s",
+        job_id,
+        batch_no,
+        len(uris),
+        ok,
+        sum(errors.values()),
+        ms,
+        start.attempt,
+        spec.model_name,
+        version,
+        "" if counted else " (already counted)",
+    )
+    return Outcome(
+        "dead" if dead_reason else "done",
+        ok=ok,
+        errors=dict(errors),
+        attempt=start.attempt,
+        finished_job=claimed,
+    )
+
+
+def _classify_batch(
+    svc: Services,
+    job_id: str,
+    batch_no: int,
+    uris: Sequence[str],
+    model_name: str,
+    version: int | None,
+) -> list[dict[str, Any]]:
+    s = svc.settings
+    with metrics.stage("fetch_preprocess"):
+        loaded = load_batch(svc.storage, uris, s, svc.pool, budget_s=s.retry_budget_s)
+    good = [x for x in loaded if isinstance(x, Loaded)]
+    results: dict[str, dict[str, Any]] = {}
+    if good:
+        try:
+            with metrics.stage("predict"):
+                labels, model = classify(
+                    svc.model,
+                    [g.pixels for g in good],
+                    model_name=model_name,
+                    version=version,
+                    budget_s=s.retry_budget_s,
+                )
+        except InferenceError as exc:
+            for g in good:
+                results[g.uri] = error_record(
+                    uri=g.uri, kind="inference", message=str(exc), job_id=job_id, batch=batch_no
+                )
+        else:
+            for g, lab in zip(good, labels, strict=True):
+                results[g.uri] = ok_record(
+                    uri=g.uri, etag=g.etag, labels=lab, model=model, job_id=job_id, batch=batch_no
+                )
+    out: list[dict[str, Any]] = []
+    for item in loaded:
+        if isinstance(item, Failed):
+            err: ImageError = item.error
+            out.append(
+                error_record(
+                    uri=item.uri, kind=err.kind, message=err.message, job_id=job_id, batch=batch_no
+                )
+            )
+        else:
+            out.append(results[item.uri])
+    return out

@@ -1,0 +1,43 @@
+"""Turn decoded images into labels with one Predict call per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from labelmill.model_client import ModelClient
+from labelmill.records import Label, ModelInfo
+from labelmill.retry import retry_transient
+
+
+def classify(
+    client: ModelClient,
+    pixels: Sequence[np.ndarray],
+    *,
+    model_name: str,
+    version: int | None,
+    budget_s: float,
+) -> tuple[list[list[Label]], ModelInfo]:
+    """Labels for each image, and the model (version, weights) that served them.
+
+    Raises ModelUnavailable once the retry budget is spent, InferenceError at
+    once when the server rejects the batch.
+    """
+    batch = np.stack(pixels)
+    pred = retry_transient(
+        lambda: client.predict(batch, version=version),
+        budget_s=budget_s,
+        what=f"predict {model_name} v{version}",
+    )
+    labels = [
+        [
+            Label(label=name, class_id=int(cid), score=float(score))
+            for name, cid, score in zip(
+                pred.classes[i], pred.class_ids[i], pred.scores[i], strict=True
+            )
+        ]
+        for i in range(len(pixels))
+    ]
+    weights = pred.weights[0] if pred.weights else "unknown"
+    return labels, ModelInfo(name=model_name, version=pred.version, weights=weights)

@@ -1,0 +1,75 @@
+"""Fetch a batch's objects concurrently and decode them, with bounded memory.
+
+Each thread fetches one object (capped at ``max_object_bytes``) and decodes it
+to a 299x299 array before taking the next, so the bytes in flight per process
+never exceed ``fetch_concurrency * max_object_bytes``. Pillow releases the GIL
+while decoding, so the threads also use several cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from labelmill.errors import ImageError
+from labelmill.retry import retry_transient
+from labelmill.settings import Settings
+from labelmill.storage import ObjectStore
+from workers.preprocess import preprocess
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An image ready for the model."""
+
+    uri: str
+    etag: str | None
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An image that will get an error line."""
+
+    uri: str
+    error: ImageError
+
+
+Decoder = Callable[[bytes], np.ndarray]
+
+
+def load_one(
+    storage: ObjectStore, uri: str, settings: Settings, *, budget_s: float
+) -> Loaded | Failed:
+    """Fetch and decode one object; permanent problems become :class:`Failed`."""
+    try:
+        data, etag = retry_transient(
+            lambda: storage.get(uri, max_bytes=settings.max_object_bytes),
+            budget_s=budget_s,
+            what=f"fetch {uri}",
+        )
+        if not data:
+            raise ImageError("empty", f"{uri}: object is empty (0 bytes)")
+        pixels = preprocess(
+            data, max_pixels=settings.max_pixels, allowed_formats=settings.allowed_formats
+        )
+    except ImageError as exc:
+        msg = exc.message if uri in exc.message else f"{uri}: {exc.message}"
+        return Failed(uri, ImageError(exc.kind, msg))
+    return Loaded(uri, etag, pixels)
+
+
+def load_batch(
+    storage: ObjectStore,
+    uris: Sequence[str],
+    settings: Settings,
+    pool: ThreadPoolExecutor,
+    *,
+    budget_s: float,
+) -> list[Loaded | Failed]:
+    """Fetch and decode every URI, in order. Transient errors past the budget propagate."""
+    futures = [pool.submit(load_one, storage, u, settings, budget_s=budget_s) for u in uris]
+    return [f.result() for f in futures]
