@@ -26,29 +26,9 @@ from labelmill import stack
 
 console = Console()
 SAMPLES = [
-    "astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field",
-    "camera", "coins", "moon", "brick", "grass", "retina",
+    "astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
+    "camera", "coins", "moon", "brick", "grass", "retina", "immunohistochemistry",
 ]  # fmt: skip
-
-
-def export_model(base: Path) -> str:
-    """Export Inception-v3 version 1 unless present; returns the weights used."""
-    marker = base.parent / "inception-v1.weights"
-    if marker.exists():
-        return marker.read_text().strip()
-    cmd = [sys.executable, "-m", "serving", "export", "--out", str(base), "--version", "1"]
-    cmd += ["--arch", "inception_v3"]
-    console.print("exporting Inception-v3 with ImageNet weights (needs internet)...")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    res = subprocess.run([*cmd, "--weights", "imagenet"], env=env, capture_output=True, text=True)
-    weights = "imagenet"
-    if res.returncode != 0:
-        console.print(f"[yellow]{res.stderr.strip().splitlines()[-1] if res.stderr else ''}[/]")
-        console.print("[yellow]falling back to random weights: labels will be meaningless[/]")
-        subprocess.run([*cmd, "--weights", "random", "--seed", "1"], env=env, check=True)
-        weights = "random:seed=1"
-    marker.write_text(weights + "\n")
-    return weights
 
 
 def make_photos(folder: Path) -> Path:
@@ -60,7 +40,10 @@ def make_photos(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in SAMPLES:
-        img = Image.fromarray(getattr(data, name)())
+        pixels = getattr(data, name)()
+        if isinstance(pixels, tuple):  # stereo_motorcycle: (left, right, disparity)
+            pixels = pixels[0]
+        img = Image.fromarray(pixels)
         img.convert("RGB").save(folder / f"{name}.jpg", quality=92)
     big = Image.fromarray(_sample(data, "chelsea")).resize((4032, 3024), Image.Resampling.BICUBIC)
     big.save(folder / "chelsea-12mp.jpg", quality=90)
@@ -107,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root: Path = args.dir.resolve()
     base = root / "models" / "inception"
-    weights = export_model(base)
+    weights = stack.ensure_model(base, log=console.print)
 
     os.environ.update(stack.env_for(stack.Ports()))
     pidfile = root / "stack.pid"
@@ -152,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             table.add_row(name, f"[red]error: {r['error']['kind']}[/]", "")
     console.print(table)
-    if weights.startswith("random"):
+    served = {
+        json.loads(line)["model"]["weights"] for line in rows if json.loads(line)["status"] == "ok"
+    }
+    if any(w.startswith("random") for w in served | {weights}):
         console.print(
             "[bold yellow]These labels come from RANDOM weights and are meaningless.[/] "
             "For real labels, export with internet access: "

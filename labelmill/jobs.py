@@ -43,7 +43,9 @@ def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
     """The object ``producer status --json`` prints (see the README for fields)."""
     now = now or time.time()
     finished = counts.images_ok + counts.images_error
-    started = counts.first_result_at or counts.created_at
+    # From job creation: the first results arrive a whole batch after the
+    # start, so timing from them would overstate the rate of a short job.
+    started = counts.created_at
     end = counts.finished_at or counts.updated_at or now
     if counts.state not in ("done", "cancelled"):
         end = now

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 LOCAL_ACCESS_KEY = "labelmill"
@@ -37,6 +37,12 @@ class Ports:
     weed_master: int = 9333
     weed_volume: int = 8080
     weed_filer: int = 8888
+
+    @classmethod
+    def from_base(cls, base: int) -> Ports:
+        """Consecutive ports from ``base`` (for a second stack or a test)."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{name: base + i for i, name in enumerate(names)})
 
     def all(self) -> dict[str, int]:
         # SeaweedFS also listens on each of its ports + 10000 for gRPC.
@@ -133,6 +139,32 @@ def s3_config() -> str:
     )
 
 
+def ensure_model(base: Path, *, log: Callable[[str], None] = print) -> str:
+    """Export Inception-v3 as version 1 under ``base`` unless a version exists.
+
+    ImageNet weights where the internet allows; otherwise seeded random
+    weights, and then it says plainly that labels are meaningless. Returns
+    the weights tag of the newest export.
+    """
+    marker = base.parent / f"{base.name}.weights"
+    if any(p.name.isdigit() for p in base.glob("*")):
+        return marker.read_text().strip() if marker.exists() else "unknown"
+    cmd = [sys.executable, "-m", "serving", "export", "--out", str(base), "--version", "1"]
+    cmd += ["--arch", "inception_v3"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    log("exporting Inception-v3 with ImageNet weights (needs internet)...")
+    res = subprocess.run([*cmd, "--weights", "imagenet"], env=env, capture_output=True, text=True)
+    weights = "imagenet"
+    if res.returncode != 0:
+        reason = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "export failed"
+        log(reason)
+        log("exporting with RANDOM weights instead: labels will be meaningless")
+        subprocess.run([*cmd, "--weights", "random", "--seed", "1"], env=env, check=True)
+        weights = "random:seed=1"
+    marker.write_text(weights + "\n")
+    return weights
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -217,7 +249,7 @@ def up(root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool
         raise StackError(f"ports in use: {', '.join(busy)} (see README: troubleshooting)")
     if not any(p.name.isdigit() for p in model_base.glob("*")):
         raise StackError(
-            f"no model version under {model_base}; run `make demo` or `serving export`"
+            f"no model version under {model_base}; run `serving export --out {model_base}`"
         )
     for sub in ("logs", "data/redis", "data/s3"):
         (root / sub).mkdir(parents=True, exist_ok=True)
@@ -306,15 +338,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=Path(".stack"))
     parser.add_argument("--detach", action="store_true")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--model-base", type=Path, default=None)
+    parser.add_argument(
+        "--model-base", type=Path, default=None, help="default: export one into DIR/models"
+    )
+    parser.add_argument(
+        "--port-base", type=int, default=None, help="use consecutive ports from this one"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "down":
             return down(args.dir)
-        model_base = args.model_base or args.dir / "models" / "inception"
-        return up(
-            args.dir, Ports(), workers=args.workers, model_base=model_base, detach=args.detach
-        )
+        ports = Ports.from_base(args.port_base) if args.port_base else Ports()
+        model_base = args.model_base
+        if model_base is None:
+            model_base = args.dir.resolve() / "models" / "inception"
+            ensure_model(model_base)
+        return up(args.dir, ports, workers=args.workers, model_base=model_base, detach=args.detach)
     except StackError as exc:
         print(f"stack: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated
@@ -18,6 +20,7 @@ import typer
 from celery import Celery
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from labelmill.errors import LabelmillError, ServiceError, UsageError
@@ -29,6 +32,7 @@ from labelmill.settings import Settings
 from labelmill.storage import Storage
 from producer import enqueue as enq
 from producer import ops
+from producer.listing import Batch
 from producer.results import format_records, records
 from producer.watch import exit_code, summary, watch_json, watch_live
 
@@ -158,7 +162,7 @@ def enqueue(
         result = enq.dry_run(e.storage, source, s.batch_size)
     else:
         show = not as_json and out.is_terminal
-        with out.status("listing and enqueuing...", spinner="dots") if show else _null():
+        with _enqueue_progress(show) as progress:
             result = enq.enqueue(
                 storage=e.storage,
                 ledger=e.ledger,
@@ -170,7 +174,7 @@ def enqueue(
                 model_name=s.model_name,
                 resolve_version=e.newest_version,
                 job_id=job_id,
-                progress=None,
+                progress=progress,
             )
     if as_json:
         print(json.dumps(result.as_dict()))
@@ -323,12 +327,30 @@ def _check_job_id(job_id: str) -> None:
         raise UsageError(f"bad job id {job_id!r}: use letters, digits, '-', '_' and '.'")
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+@contextmanager
+def _enqueue_progress(show: bool) -> Iterator[enq.Progress | None]:
+    """A live line on a terminal: objects listed, batches and images sent."""
+    if not show:
+        yield None
+        return
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("listed {task.fields[listed]:,}"),
+        TextColumn("sent {task.completed:,.0f} batches / {task.fields[images]:,} images"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("enqueuing", total=None, listed=0, images=0)
+        images = 0
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+        def update(b: Batch) -> None:
+            nonlocal images
+            images += len(b.uris)
+            bar.update(task, completed=b.batch_no + 1, listed=b.listed, images=images)
+
+        yield update
 
 
 def _fail(exc: BaseException) -> None:

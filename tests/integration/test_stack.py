@@ -1,0 +1,108 @@
+"""`python -m labelmill.stack up/down`: the whole local stack as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from labelmill.stack import Ports
+from tests import images
+from tests.fixtures.procs import wait_until
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_block(n: int = 7) -> int:
+    """A base port whose n consecutive ports (and their +10000 twins) are free."""
+    # A random start, so that two test runs on one machine do not collide.
+    start = random.randrange(20000, 28000)
+    for base in range(start, start + 8000, 37):
+        ports = [base + i for i in range(n)] + [base + i + 10000 for i in range(n)]
+        if all(_free(p) for p in ports):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _env(stack_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for line in (stack_dir / "env").read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = shlex.split(value)[0]
+    return env
+
+
+def test_stack_up_runs_a_job_and_down_stops_only_its_processes(
+    tmp_path: Path, tiny_model_base: Path, redis_server: object
+) -> None:
+    stack_dir = tmp_path / "stack"
+    base = _free_block()
+    ports = Ports.from_base(base)
+    cmd = [sys.executable, "-m", "labelmill.stack"]
+    up = subprocess.run(
+        [*cmd, "up", "--detach", "--dir", str(stack_dir), "--port-base", str(base),
+         "--workers", "1", "--model-base", str(tiny_model_base)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "labelmill stack ready" in up.stdout
+        for name in ("redis", "s3", "model", "worker", "flower"):
+            assert (stack_dir / "logs" / f"{name}.log").exists()
+        assert (stack_dir / "data" / "redis" / "appendonlydir").exists()  # AOF on
+
+        # A second `up` refuses: the stack is already running.
+        again = subprocess.run([*cmd, "up", "--detach", "--dir", str(stack_dir)],
+                               cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
+        assert again.returncode == 2 and "already running" in again.stderr
+
+        # A real job through the stack's own services.
+        src = tmp_path / "photos"
+        src.mkdir()
+        for i in range(5):
+            (src / f"p{i}.jpg").write_bytes(images.jpeg(64, 48, seed=i))
+        env = _env(stack_dir)
+        run = subprocess.run(
+            [sys.executable, "-m", "producer", "enqueue", str(src), "--output",
+             str(tmp_path / "labels"), "--json"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        job = json.loads(run.stdout)["job_id"]
+        watch = subprocess.run(
+            [sys.executable, "-m", "producer", "watch", job, "--json", "--interval", "0.2"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert watch.returncode == 0, watch.stderr
+        assert json.loads(watch.stdout.splitlines()[-1])["images"]["ok"] == 5
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.flower}/", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        down = subprocess.run([*cmd, "down", "--dir", str(stack_dir)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert down.returncode == 0
+    wait_until(
+        lambda: all(_free(p) for p in (ports.redis, ports.s3, ports.model, ports.flower)),
+        timeout=30,
+        what="the stack's ports to be released",
+    )
+    # Only what it started: the test session's own Redis is still up.
+    assert redis_server.client().ping()  # type: ignore[attr-defined]
