@@ -12,7 +12,7 @@ STACK_DIR ?= .stack
 SOURCE ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps lint format test unit up down demo proto bench clean
+.PHONY: help install system-deps tools lock lint format test unit up down demo proto bench clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -25,6 +25,23 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) system-deps
+
+# Tools whose dependencies would clash with the project's (checkov pins its
+# own boto3), in a venv of their own; uv compiles the image lock files.
+TOOLS := .venv-tools
+$(TOOLS)/.installed:
+	test -d $(TOOLS) || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --upgrade pip
+	$(TOOLS)/bin/pip install --quiet checkov==3.3.30 uv==0.13.9
+	touch $@
+
+tools: $(TOOLS)/.installed
+
+LOCK := $(TOOLS)/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --no-header
+lock: $(TOOLS)/.installed
+	$(LOCK) --extra flower -o deploy/requirements/worker.txt
+	$(LOCK) --extra serving -o deploy/requirements/export.txt
 
 # Redis comes from the system package manager (see README: Redis).
 system-deps:
@@ -44,7 +61,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install lint
+test: install tools lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: $(STAMP)
@@ -67,4 +84,4 @@ bench: install
 	$(BIN)/python bench/serving.py
 
 clean:
-	rm -rf $(VENV) $(STACK_DIR) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(TOOLS) $(STACK_DIR) .pytest_cache .mypy_cache .ruff_cache *.egg-info

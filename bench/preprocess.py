@@ -1,6 +1,6 @@
 """Benchmark: encoded JPEG -> 299x299 uint8, labelmill's preprocess against plain Pillow.
 
-Run with ``python bench/preprocess.py [--seconds 1.5]``. The inputs are
+Run with ``python bench/preprocess.py [--seconds 1.5] [--quick]``. The inputs are
 scikit-image's sample photographs, resized to a small web image (500x375),
 an HD frame (1920x1080) and a 12 Mpx camera photo (4032x3024), saved as JPEG
 quality 90. Both contenders run in the same process, interleaved in rounds,
@@ -90,7 +90,12 @@ def measure(images: list[bytes], seconds: float) -> tuple[float, float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="time per size (default 2)")
+    parser.add_argument(
+        "--quick", action="store_true", help="0.5 s per size: a smoke test, noisier medians"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.seconds = 0.5
 
     table = Table(title=f"JPEG bytes -> {SIZE}x{SIZE} uint8 RGB, median ms per image")
     for column in ("size", "pixels", "rounds", "labelmill ms", "plain Pillow ms", "speed-up"):

@@ -23,6 +23,21 @@ def new_job_id(now: float | None = None) -> str:
     return f"j-{stamp}-{secrets.token_hex(4)}"
 
 
+def is_valid_job_id(job_id: object) -> bool:
+    """Whether ``job_id`` is a job id the producer could have made or accepted.
+
+    The same rule as ``producer``'s ``--job-id``: 1-128 letters, digits,
+    ``-``, ``_`` and ``.``, not starting with ``.``. Workers check it on
+    every message, so a crafted one cannot name keys or paths of its choice.
+    """
+    return (
+        isinstance(job_id, str)
+        and 0 < len(job_id) <= 128
+        and not job_id.startswith(".")
+        and all(c.isascii() and (c.isalnum() or c in "-_.") for c in job_id)
+    )
+
+
 def job_dir(spec: JobSpec) -> str:
     return join_uri(spec.output, spec.job_id)
 

@@ -35,9 +35,16 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         # Unacked messages come back after this many seconds; well above the
-        # longest batch (its retry budget included).
+        # longest batch (its retry budget included). Only a running consumer
+        # brings them back: each worker sweeps the unacked index at start-up
+        # and then every `unacked_restore_interval` seconds (kombu's default
+        # sweep is only every interval x throttle = 100 s). A message is thus
+        # redelivered between visibility_timeout and visibility_timeout +
+        # restore_interval_s after its worker died.
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
         },

@@ -53,7 +53,18 @@ class Settings(BaseSettings):
     retry_budget_s: float = Field(default=900.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1)
     visibility_timeout_s: int = Field(default=3600, ge=10)
+    # How often each worker sweeps Redis for unacknowledged messages older
+    # than the visibility timeout (those of a worker that died) and puts them
+    # back on the queue. kombu's own default is one sweep per ~100 s
+    # (interval 10 s x throttle 10); we sweep every interval.
+    restore_interval_s: int = Field(default=10, ge=1)
     metrics_port: int | None = None
+
+    # Test-only fault hook, inert unless set: a worker that fetches an object
+    # containing these bytes exits at once (os._exit), like a decoder crash.
+    # The fault-injection suite uses it to build a poison batch. Never set in
+    # production.
+    test_crash_marker: str | None = None
 
     # Object storage deadlines (boto3).
     s3_connect_timeout_s: float = Field(default=5.0, gt=0)

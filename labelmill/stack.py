@@ -11,6 +11,7 @@ stays in the foreground (Ctrl-C stops everything) or detaches (``--detach``;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -289,7 +290,12 @@ def up(root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool
     )
     if detach:
         return 0
-    stop = lambda *_: _stop(honcho.pid)  # noqa: E731
+
+    def stop(*_: object) -> None:
+        # Only signal here: honcho stops its children, and wait() below reaps it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(honcho.pid, signal.SIGTERM)
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     code = honcho.wait()

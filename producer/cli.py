@@ -24,7 +24,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from labelmill.errors import LabelmillError, ServiceError, UsageError
-from labelmill.jobs import status_dict
+from labelmill.jobs import is_valid_job_id, status_dict
 from labelmill.ledger import Ledger
 from labelmill.model_client import ModelClient
 from labelmill.queue import make_celery
@@ -322,9 +322,8 @@ def _print_resent(res: ops.Resent, as_json: bool) -> None:
 
 
 def _check_job_id(job_id: str) -> None:
-    ok = job_id and len(job_id) <= 128 and all(c.isalnum() or c in "-_." for c in job_id)
-    if not ok or job_id.startswith("."):
-        raise UsageError(f"bad job id {job_id!r}: use letters, digits, '-', '_' and '.'")
+    if not is_valid_job_id(job_id):
+        raise UsageError(f"bad job id {job_id!r}: use 1-128 letters, digits, '-', '_' and '.'")
 
 
 @contextmanager

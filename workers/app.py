@@ -15,6 +15,7 @@ from typing import Any
 from celery.exceptions import Reject
 from celery.signals import worker_process_shutdown
 
+import workers.signals  # noqa: F401  (signal hooks: metrics endpoint, heartbeat)
 from labelmill.errors import TransientError
 from labelmill.ledger import Ledger
 from labelmill.model_client import ModelClient

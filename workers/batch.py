@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from labelmill.errors import ImageError, InferenceError, ServiceError, TransientError
-from labelmill.jobs import job_dir, write_manifest
+from labelmill.jobs import is_valid_job_id, job_dir, write_manifest
 from labelmill.ledger import Ledger
 from labelmill.model_client import ModelClient
 from labelmill.records import dumps_lines, error_record, ok_record, part_name
@@ -72,6 +72,16 @@ def run_batch(
     t0 = time.perf_counter()
     s = svc.settings
     budget = s.retry_budget_s
+    problem = _malformed(job_id, batch_no, uris)
+    if problem is not None:
+        # Not a message the producer sends (a bug or a hostile sender). Refuse
+        # it before it reaches Redis: a negative batch number made every
+        # ledger call fail, and the error was retried as an outage for the
+        # whole retry budget, then requeued, forever.
+        log.error(
+            "refusing a malformed batch message (%s): job %r batch %r", problem, job_id, batch_no
+        )
+        return Outcome("skipped:malformed")
     start = retry_transient(
         lambda: svc.ledger.begin_batch(job_id, batch_no), budget_s=budget, what="ledger"
     )
@@ -165,6 +175,17 @@ def run_batch(
         attempt=start.attempt,
         finished_job=claimed,
     )
+
+
+def _malformed(job_id: object, batch_no: object, uris: object) -> str | None:
+    """Why a task's arguments cannot be a real batch, or None when they can."""
+    if not is_valid_job_id(job_id):
+        return "bad job id"
+    if isinstance(batch_no, bool) or not isinstance(batch_no, int) or not 0 <= batch_no < 2**32:
+        return "batch number must be an integer from 0 to 2**32-1"
+    if not isinstance(uris, (list, tuple)) or not all(isinstance(u, str) for u in uris):
+        return "uris must be a list of strings"
+    return None
 
 
 def _classify_batch(

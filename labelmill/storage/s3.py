@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -140,20 +141,34 @@ class S3Objects:
             kwargs["StartAfter"] = start_after
         uri = f"s3://{bucket}/{prefix}"
         pages = iter(self.client.get_paginator("list_objects_v2").paginate(**kwargs))
-        while True:
-            try:
-                page = self._call(uri, lambda: next(pages, None))
-            except ClientError as exc:
-                raise self._mapped(exc, uri) from None
-            if page is None:
-                return
-            for item in page.get("Contents", ()):
-                etag = item.get("ETag")
-                yield ObjectInfo(
-                    uri=f"s3://{bucket}/{item['Key']}",
-                    size=int(item.get("Size", 0)),
-                    etag=etag.strip('"') if etag else None,
-                )
+
+        def fetch() -> Any:
+            return self._call(uri, lambda: next(pages, None))
+
+        # The next page is requested while the caller works through this one,
+        # so the store's latency overlaps the producer's work (one page ahead:
+        # memory stays at two pages of 1000 keys). bench/enqueue.py.
+        with ThreadPoolExecutor(1, thread_name_prefix="s3-list") as ahead:
+            upcoming = ahead.submit(fetch)
+            while True:
+                try:
+                    page = upcoming.result()
+                except ClientError as exc:
+                    raise self._mapped(exc, uri) from None
+                if page is None:
+                    return
+                upcoming = ahead.submit(fetch)
+                yield from self._infos(bucket, page)
+
+    @staticmethod
+    def _infos(bucket: str, page: Any) -> Iterator[ObjectInfo]:
+        for item in page.get("Contents", ()):
+            etag = item.get("ETag")
+            yield ObjectInfo(
+                uri=f"s3://{bucket}/{item['Key']}",
+                size=int(item.get("Size", 0)),
+                etag=etag.strip('"') if etag else None,
+            )
 
     def get(self, bucket: str, key: str, max_bytes: int) -> tuple[bytes, str | None]:
         uri = f"s3://{bucket}/{key}"

@@ -34,7 +34,9 @@ def _free_block(n: int = 7) -> int:
 
 
 def _free(port: int) -> bool:
+    """Nothing listens there (a port in TIME_WAIT after a closed connection is free)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -1,0 +1,230 @@
+"""Worker faults: killed pool processes, killed workers, scale-in, poison batches, races.
+
+Each test enqueues a few hundred tiny images first and starts the workers
+after, so the job is surely mid-way when the fault is injected; processes
+are frozen (SIGSTOP) while the test decides what is in flight, so the
+victims are known exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests import images
+from tests.faults.helpers import (
+    check_job,
+    frozen,
+    in_flight,
+    log_text,
+    pool_children,
+    put_many,
+    tiny_photos,
+    wait_in_flight,
+)
+from tests.fixtures.procs import wait_until
+from tests.fixtures.stack import Pipeline
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+N_IMAGES = 320
+BATCH = "8"  # 40 batches
+
+# Short enough for a test, long enough for any batch here. Production: 3600 s.
+SHORT_VISIBILITY = {"LABELMILL_VISIBILITY_TIMEOUT_S": "10", "LABELMILL_RESTORE_INTERVAL_S": "1"}
+
+
+def _job(p: Pipeline, n: int = N_IMAGES) -> tuple[str, list[str], str]:
+    inputs = put_many(p, tiny_photos("in/", n))
+    out = f"s3://{p.bucket}/out/"
+    job = p.enqueue(f"s3://{p.bucket}/in/", out, "--batch-size", BATCH)
+    assert job["images_total"] == n
+    return job["job_id"], inputs, out
+
+
+def test_killed_pool_process_batch_is_redelivered(pipeline: Pipeline) -> None:
+    p = pipeline
+    job_id, inputs, out = _job(p)
+    worker = p.start_worker(concurrency=1)
+    ledger = p.ledger
+    [child] = pool_children(worker)
+    wait_in_flight(ledger, job_id)
+    with frozen([child]):
+        victims = in_flight(ledger, job_id)
+        assert victims, "the frozen pool process holds no batch"
+        os.kill(child, signal.SIGKILL)
+
+    p.wait_done(job_id)
+    checked = check_job(p, job_id, inputs, out)
+    for b in victims:
+        assert checked.ledger_attempts[b] >= 2, f"batch {b} was not redelivered"
+        assert all(r["status"] == "ok" for r in checked.output.parts[b])
+    assert worker.alive(), "the worker's main process must survive its pool child"
+    assert "WorkerLostError" in log_text(worker)
+    assert pool_children(worker) != [child]
+
+
+def test_killed_worker_batches_return_after_visibility_timeout(pipeline: Pipeline) -> None:
+    p = pipeline
+    job_id, inputs, out = _job(p)
+    first = p.start_worker(concurrency=2, extra=SHORT_VISIBILITY)
+    ledger = p.ledger
+    pids = [first.pid, *pool_children(first, expect=2)]
+    wait_in_flight(ledger, job_id)
+    with frozen(pids):
+        victims = in_flight(ledger, job_id)
+        assert victims
+        first.kill()  # SIGKILL to the whole process group: main and pool
+    killed_at = time.time()
+    # Their messages sit in the unacked hash: no consumer owns them any more.
+    unacked = ledger.r.zrange("unacked_index", 0, -1, withscores=True)
+    assert len(unacked) >= len(victims)
+    oldest = min(score for _tag, score in unacked)
+
+    p.start_worker(concurrency=2, name="w1", extra=SHORT_VISIBILITY)
+    wait_until(
+        lambda: all(ledger.is_done(job_id, b) for b in victims),
+        timeout=90,
+        interval=0.05,
+        what="the lost batches to be redelivered",
+    )
+    back_at = time.time()
+    p.wait_done(job_id)
+    checked = check_job(p, job_id, inputs, out)
+    for b in victims:
+        assert checked.ledger_attempts[b] >= 2
+    # Not before the visibility timeout (they were not requeued by anyone else)...
+    assert back_at >= oldest + 10 - 0.5, (back_at - oldest, "redelivered too early")
+    # ...and soon after it: the new worker sweeps every restore interval (1 s here).
+    assert back_at - killed_at < 10 + 20
+    assert ledger.r.hlen("unacked") == 0
+
+
+def test_sigterm_finishes_running_batch_and_returns_prefetched(pipeline: Pipeline) -> None:
+    """Kubernetes scale-in: SIGTERM to the worker's main process (PID 1 in a pod)."""
+    p = pipeline
+    job_id, inputs, out = _job(p)
+    first = p.start_worker(concurrency=2)
+    ledger = p.ledger
+    wait_in_flight(ledger, job_id)
+    os.kill(first.pid, signal.SIGTERM)
+    assert first.popen.wait(timeout=60) == 0, first.log_tail()
+
+    counts = ledger.counts(job_id)
+    total = counts.batches_total or 0
+    assert counts.state == "running" and counts.batches_done < total
+    # Every batch the worker began, it finished...
+    assert not in_flight(ledger, job_id), "a started batch was abandoned"
+    done_before = {b for b in range(total) if ledger.is_done(job_id, b)}
+    # ...and every message it had reserved but not started is back on the queue.
+    assert ledger.r.hlen("unacked") == 0
+    queued = [_batch_no(raw) for raw in ledger.r.lrange("classify", 0, -1)]
+    assert set(range(total)) - done_before <= set(queued)
+    # A batch that finished during the shutdown may be requeued as well
+    # (Celery restores unacked messages when it closes the channel, racing
+    # the ack): harmless, its redelivery is skipped as already done.
+    assert set(queued) - (set(range(total)) - done_before) <= done_before
+    assert "warm shutdown" in log_text(first).lower()
+
+    p.start_worker(concurrency=2, name="w1")
+    p.wait_done(job_id)
+    checked = check_job(p, job_id, inputs, out)
+    # Nothing was processed twice: the only batches delivered again are the
+    # ones already done before the second worker started.
+    again = {b for b, n in checked.ledger_attempts.items() if n > 1}
+    assert again <= done_before
+
+
+def _batch_no(raw: str) -> int:
+    """The batch number inside a raw Celery message as kombu stores it in Redis."""
+    envelope = json.loads(raw)
+    _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+    return int(kwargs["batch_no"])
+
+
+POISON = "LABELMILL-TEST-POISON-4f1c"
+
+
+def test_poison_batch_is_declared_dead_after_max_deliveries(pipeline: Pipeline) -> None:
+    p = pipeline
+    photos = tiny_photos("in/", 160)
+    poison_key = "in/img-0085.jpg"  # batch 85 // 8 = 10
+    photos[poison_key] = images.jpeg(16, 16, seed=85) + POISON.encode()
+    inputs = put_many(p, photos)
+    out = f"s3://{p.bucket}/out/"
+    job = p.enqueue(f"s3://{p.bucket}/in/", out, "--batch-size", BATCH)
+    env = {"LABELMILL_TEST_CRASH_MARKER": POISON, "LABELMILL_MAX_DELIVERIES": "3"}
+    worker = p.start_worker(concurrency=2, extra=env)
+    p.wait_done(job["job_id"], timeout=180)
+
+    checked = check_job(p, job["job_id"], inputs, out, dead=[10])
+    assert checked.ledger_attempts[10] == 4  # 3 crashes, then declared dead unopened
+    assert {r["error"]["kind"] for r in checked.output.parts[10]} == {"dead"}
+    assert (
+        "delivered 4 times" in checked.by_uri[f"s3://{p.bucket}/{poison_key}"]["error"]["message"]
+    )
+    assert sum(1 for r in checked.output.lines if r["status"] == "ok") == 160 - 8
+    assert worker.alive()
+    assert log_text(worker).count("WorkerLostError") >= 3
+
+
+def test_hook_is_inert_unless_enabled(pipeline: Pipeline) -> None:
+    """The same poisoned image, without the test setting, is just an ok image."""
+    p = pipeline
+    inputs = put_many(p, {"in/p.jpg": images.jpeg(16, 16) + POISON.encode()})
+    out = f"s3://{p.bucket}/out/"
+    job = p.enqueue(f"s3://{p.bucket}/in/", out)
+    p.start_worker(concurrency=1)
+    p.wait_done(job["job_id"])
+    checked = check_job(p, job["job_id"], inputs, out)
+    assert checked.output.lines[0]["status"] == "ok"
+
+
+def test_manifest_written_once_when_workers_race_on_the_last_batch(pipeline: Pipeline) -> None:
+    """Every batch delivered three times to two workers: one manifest write, right counts.
+
+    The output bucket is versioned, so each PUT of ``_manifest.json`` leaves
+    a version behind: a second write is visible, not overwritten.
+    """
+    from labelmill.queue import make_celery, send_batch
+
+    p = pipeline
+    s3 = p.s3
+    s3.put_bucket_versioning(Bucket=p.bucket, VersioningConfiguration={"Status": "Enabled"})
+    for _ in range(2):  # the check can fail: two writes leave two versions
+        s3.put_object(Bucket=p.bucket, Key="probe", Body=b"x")
+    assert len(s3.list_object_versions(Bucket=p.bucket, Prefix="probe")["Versions"]) == 2
+    inputs = put_many(p, tiny_photos("in/", 96))
+    out = f"s3://{p.bucket}/out/"
+    workers = [p.start_worker(concurrency=2, name=n) for n in ("wa", "wb")]
+    pids = [pid for w in workers for pid in (w.pid, *pool_children(w, expect=2))]
+    # Both workers frozen while the job and two extra copies of every batch
+    # are queued, then released together: copies of the last batches finish
+    # on both workers at once.
+    with frozen(pids):
+        job = p.enqueue(f"s3://{p.bucket}/in/", out, "--batch-size", BATCH)
+        job_id = job["job_id"]
+        app = make_celery(p.settings)
+        for b in range(12):
+            for _ in range(2):
+                uris = inputs[b * 8 : b * 8 + 8]
+                send_batch(app, job_id=job_id, batch_no=b, uris=uris, model_version=1)
+    p.wait_done(job_id)
+    wait_until(
+        lambda: p.ledger.r.llen("classify") == 0 and p.ledger.r.hlen("unacked") == 0,
+        timeout=60,
+        what="every duplicate delivered",
+    )
+    checked = check_job(p, job_id, inputs, out)
+    assert checked.output.manifest["images"]["ok"] == 96
+    versions = s3.list_object_versions(Bucket=p.bucket, Prefix=f"out/{job_id}/_manifest.json")
+    assert len(versions.get("Versions", [])) == 1, versions.get("Versions")
+    assert sum(log_text(w).count("manifest written") for w in workers) == 1
+    # Both workers took part, and redeliveries were noticed as such.
+    assert all(f"job={job_id}" in log_text(w) for w in workers)
+    assert sum(log_text(w).count("already done (redelivery)") for w in workers) >= 1

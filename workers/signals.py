@@ -1,0 +1,145 @@
+"""Celery signal hooks: metrics endpoint, liveness heartbeat, requeue counting.
+
+Kept out of the task body (dramatiq keeps such concerns in middleware):
+
+- ``celeryd_init`` (main process, before the pool forks): empty the
+  prometheus multiprocess folder, so a restarted container does not add its
+  previous life's files to the new counts.
+- ``worker_ready`` (main process, pool and consumer started): touch the
+  heartbeat file and, when ``LABELMILL_METRICS_PORT`` is set, start the
+  Prometheus endpoint. Starting it here, after the fork, keeps the server
+  thread in the main process only; pool children write their values to the
+  multiprocess folder and the endpoint sums them.
+- ``heartbeat_sent`` (main process, every couple of seconds while the
+  consumer is connected to the broker): touch the heartbeat file. The
+  Kubernetes probes run ``python -m workers.signals --max-age S``, which
+  fails when the file is older than S seconds: a worker whose event loop is
+  stuck or whose consumer cannot reach Redis stops touching it. That costs
+  one ``stat``, where ``celery inspect ping`` would cost a broadcast
+  round-trip through Redis per probe per pod.
+- ``task_postrun`` (pool child): count batches handed back with ``Reject``.
+- ``worker_process_shutdown`` (pool child): drop the child's live gauges.
+
+``workers.metrics`` is imported inside the handlers, not at the top: the
+probe (``python -m workers.signals``) runs every few seconds in a fresh
+process and must not create value files in the multiprocess folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from celery.signals import (
+    celeryd_init,
+    heartbeat_sent,
+    task_postrun,
+    worker_process_shutdown,
+    worker_ready,
+)
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_FILE = Path(tempfile.gettempdir()) / "labelmill-worker.heartbeat"
+
+
+def touch_heartbeat(path: Path = HEARTBEAT_FILE) -> None:
+    """Record that the worker's main loop is alive (mtime = now)."""
+    try:
+        path.touch()
+        os.utime(path)
+    except OSError as exc:  # a full or read-only /tmp must not stop the worker
+        log.warning("heartbeat %s: %s", path, exc)
+
+
+def heartbeat_age(path: Path = HEARTBEAT_FILE, *, now: float | None = None) -> float | None:
+    """Seconds since the last heartbeat, or None when there was none."""
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return (time.time() if now is None else now) - mtime
+
+
+def start_metrics_server(port: int, redis_url: str, key_prefix: str) -> None:
+    """Serve every pool process's metrics plus the outstanding gauge on ``port``."""
+    import redis
+    from prometheus_client import start_http_server
+
+    from labelmill.ledger import Ledger
+    from workers import metrics
+
+    # Short deadlines: a scrape must not hang on a Redis outage.
+    client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    ledger = Ledger(client, prefix=key_prefix)
+
+    def outstanding() -> int:
+        return int(ledger.r.zcard(ledger.outstanding_key))
+
+    start_http_server(port, addr="0.0.0.0", registry=metrics.registry(outstanding))
+    log.info("metrics on :%d/metrics", port)
+
+
+@celeryd_init.connect
+def _reset_metrics(**_: Any) -> None:
+    from workers import metrics
+
+    metrics.reset_multiproc_dir()
+
+
+@worker_ready.connect
+def _ready(**_: Any) -> None:
+    touch_heartbeat()
+    from workers.app import settings  # the app module is fully imported by now
+
+    if settings.metrics_port is not None:
+        try:
+            start_metrics_server(settings.metrics_port, settings.redis_url, settings.key_prefix)
+        except OSError as exc:  # port taken: run without metrics rather than not at all
+            log.error("metrics endpoint on :%d: %s", settings.metrics_port, exc)
+
+
+@heartbeat_sent.connect
+def _heartbeat(**_: Any) -> None:
+    touch_heartbeat()
+
+
+@task_postrun.connect
+def _count_requeue(state: str | None = None, **_: Any) -> None:
+    if state == "REJECTED":
+        from workers import metrics
+
+        metrics.REQUEUES.inc()
+
+
+@worker_process_shutdown.connect
+def _child_exit(pid: int | None = None, **_: Any) -> None:
+    from workers import metrics
+
+    metrics.child_exited(pid or os.getpid())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Probe: exit 0 if the heartbeat is younger than ``--max-age`` seconds, else 1."""
+    parser = argparse.ArgumentParser(prog="python -m workers.signals", description=main.__doc__)
+    parser.add_argument("--max-age", type=float, required=True)
+    parser.add_argument("--file", type=Path, default=HEARTBEAT_FILE)
+    args = parser.parse_args(argv)
+    age = heartbeat_age(args.file)
+    if age is None:
+        print(f"no heartbeat at {args.file}: worker not ready", file=sys.stderr)
+        return 1
+    if age > args.max_age:
+        print(f"heartbeat {age:.0f}s old (limit {args.max_age:.0f}s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
