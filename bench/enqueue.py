@@ -14,7 +14,7 @@ Targets: S3 at least 0.8 of the bare listing rate; a local folder at least
 50,000 keys/s; peak RSS under 150 MB and the same at 10k as at 100k.
 
 The bucket and the folder are kept under ``bench/out/`` between runs
-(uploading 100k objects takes a minute or two).
+(uploading 100k objects took 3 minutes here).
 
     python bench/enqueue.py [--keys 100000] [--rounds 1]
 """
@@ -157,7 +157,7 @@ def main() -> None:
     tmp = OUT / "enqueue-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     redis_server = RedisServer(shutil.which("redis-server") or "redis-server", tmp / "redis")
-    rows: list[tuple[str, float, float, float, float, float, float, float]] = []
+    rows: list[tuple[str, float, float, float, float, float, float, float, float]] = []
     started_before = weed_dir / ".started"
     # A server restarted on kept data already has its canary object, and
     # must wait for it (volumes back) before serving reads.
@@ -208,9 +208,12 @@ def main() -> None:
                 assert res["images_total"] == small, res
                 rss_small.append(rss)
                 redis_server.client().flushall()
+            # Paired by round, like the other benchmarks.
+            ratio = statistics.median([e / b for e, b in zip(rates, bare_rates, strict=True)])
             rows.append(
                 (
                     name,
+                    ratio,
                     statistics.median(bare_rates),
                     statistics.median(dry_rates),
                     statistics.median(rates),
@@ -234,10 +237,10 @@ def main() -> None:
         f"RSS MB {big // 1000}k", "target", "met",
     ):  # fmt: skip
         table.add_column(column, justify="right")
-    for name, bare, dry, rate, rss_s, rss_b, warm_rate, cpu_s in rows:
+    for name, ratio, bare, dry, rate, rss_s, rss_b, warm_rate, cpu_s in rows:
         if name == "S3":
             target = f">= {S3_MIN_RATIO} of bare, < {MAX_RSS_MB:.0f} MB"
-            met = rate / bare >= S3_MIN_RATIO
+            met = ratio >= S3_MIN_RATIO
         else:
             target = f">= {LOCAL_MIN_KEYS_S} keys/s, < {MAX_RSS_MB:.0f} MB"
             met = rate >= LOCAL_MIN_KEYS_S
@@ -247,7 +250,7 @@ def main() -> None:
             f"{bare:,.0f}",
             f"{dry:,.0f}",
             f"{rate:,.0f}",
-            f"{rate / bare:.2f}",
+            f"{ratio:.2f}",
             f"{warm_rate:,.0f}",
             f"{cpu_s:.1f}",
             f"{rss_s:.0f}",

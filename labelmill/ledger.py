@@ -25,70 +25,9 @@ from typing import Any, cast
 import redis
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
+from labelmill.ledger_scripts import COMPLETE, FINISH_ENQUEUE, REOPEN_DEAD
 
 STATES = ("enqueuing", "running", "done", "cancelled")
-
-# Marks a batch finished (once), updates counters and reports whether the job
-# just finished. KEYS: job, done, outstanding, dead. ARGV: batch, member,
-# n_ok, n_err, dead(0/1), kinds-json.
-_COMPLETE = (
-    """
-local prev = redis.call('SETBIT', KEYS[2], ARGV[1], 1)
-redis.call('ZREM', KEYS[3], ARGV[2])
-if prev == 1 then return {0, 0} end
-redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
-redis.call('HINCRBY', KEYS[1], 'images_ok', ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'images_error', ARGV[4])
-for kind, n in pairs(cjson.decode(ARGV[6])) do
-  redis.call('HINCRBY', KEYS[1], 'err:' .. kind, n)
-end
-if ARGV[5] == '1' then
-  redis.call('SADD', KEYS[4], ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'batches_dead', 1)
-end
-"""
-    + """
-local f = redis.call('HMGET', KEYS[1], 'state', 'enqueue_complete', 'batches_total', 'batches_done')
-if f[1] == 'running' and f[2] == '1' and tonumber(f[3] or 0) == tonumber(f[4] or 0) then
-  return {1, redis.call('HSETNX', KEYS[1], 'manifest_claim', 1)}
-end
-return {1, 0}
-"""
-)
-
-# Ends enqueuing; returns 1 when the job is already complete and this caller
-# owns the manifest. KEYS: job. ARGV: batches_total, fields-json.
-_FINISH_ENQUEUE = """
-if redis.call('HGET', KEYS[1], 'state') == 'cancelled' then return 0 end
-for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('HSET', KEYS[1], 'enqueue_complete', 1, 'batches_total', ARGV[1])
-if redis.call('HGET', KEYS[1], 'state') == 'enqueuing' then
-  redis.call('HSET', KEYS[1], 'state', 'running')
-end
-local f = redis.call('HMGET', KEYS[1], 'state', 'batches_total', 'batches_done')
-if f[1] == 'running' and tonumber(f[2] or 0) == tonumber(f[3] or 0) then
-  return redis.call('HSETNX', KEYS[1], 'manifest_claim', 1)
-end
-return 0
-"""
-
-# Reopens a dead batch for `retry`: undoes its counts exactly once.
-# KEYS: job, done, outstanding, dead, attempts. ARGV: batch, member, n_images, now.
-_REOPEN_DEAD = """
-if redis.call('SREM', KEYS[4], ARGV[1]) == 0 then return 0 end
-redis.call('SETBIT', KEYS[2], ARGV[1], 0)
-redis.call('HINCRBY', KEYS[1], 'batches_done', -1)
-redis.call('HINCRBY', KEYS[1], 'batches_dead', -1)
-redis.call('HINCRBY', KEYS[1], 'images_error', -tonumber(ARGV[3]))
-redis.call('HINCRBY', KEYS[1], 'err:dead', -tonumber(ARGV[3]))
-redis.call('HDEL', KEYS[5], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
-redis.call('HDEL', KEYS[1], 'manifest_claim')
-if redis.call('HGET', KEYS[1], 'state') == 'done' then
-  redis.call('HSET', KEYS[1], 'state', 'running')
-end
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -185,9 +124,9 @@ class Ledger:
         self.r = client
         self.p = prefix
         self.ttl_s = ttl_s
-        self._complete = self.r.register_script(_COMPLETE)
-        self._finish_enqueue = self.r.register_script(_FINISH_ENQUEUE)
-        self._reopen_dead = self.r.register_script(_REOPEN_DEAD)
+        self._complete = self.r.register_script(COMPLETE)
+        self._finish_enqueue = self.r.register_script(FINISH_ENQUEUE)
+        self._reopen_dead = self.r.register_script(REOPEN_DEAD)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "labelmill", ttl_s: int = 604800) -> Ledger:
@@ -259,10 +198,11 @@ class Ledger:
         except redis.RedisError as exc:
             raise _wrap(exc) from None
 
-    def mark_outstanding(self, job_id: str, batch_no: int) -> None:
-        """Count a batch as outstanding before its message is sent."""
+    def mark_outstanding(self, job_id: str, *batch_nos: int) -> None:
+        """Count batches as outstanding (one round trip) before their messages are sent."""
+        now = time.time()
         try:
-            self.r.zadd(self.outstanding_key, {self.member(job_id, batch_no): time.time()})
+            self.r.zadd(self.outstanding_key, {self.member(job_id, b): now for b in batch_nos})
         except redis.RedisError as exc:
             raise _wrap(exc) from None
 

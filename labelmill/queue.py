@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from celery import Celery
-from kombu import Queue
+from kombu import Producer, Queue
 
 from labelmill.settings import Settings
 
@@ -61,7 +61,13 @@ def make_celery(settings: Settings) -> Celery:
 
 
 def send_batch(
-    app: Celery, *, job_id: str, batch_no: int, uris: Sequence[str], model_version: int
+    app: Celery,
+    *,
+    job_id: str,
+    batch_no: int,
+    uris: Sequence[str],
+    model_version: int,
+    producer: Producer | None = None,
 ) -> None:
     """Publish one batch: a message of URIs, never image bytes."""
     app.send_task(
@@ -73,4 +79,5 @@ def send_batch(
             "model_version": model_version,
         },
         queue=QUEUE,
+        producer=producer,
     )

@@ -23,6 +23,7 @@ def retry_transient(
     cap_s: float = 10.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    on_retry: Callable[[TransientError], None] | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds; retry only :class:`TransientError`.
 
@@ -39,5 +40,7 @@ def retry_transient(
             if clock() + delay > deadline:
                 raise
             attempt += 1
+            if on_retry is not None:
+                on_retry(exc)
             log.warning("%s: %s; retry %d in %.1fs", what, exc, attempt, delay)
             sleep(delay)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +97,7 @@ def run_batch(
         log.info("job %s batch %d: already done (redelivery); nothing to do", job_id, batch_no)
         return Outcome("skipped:already-done", attempt=start.attempt)
 
+    metrics.record_delivery(start.attempt)
     spec = start.spec
     version = model_version if model_version is not None else spec.model_version
     records: list[dict[str, Any]]
@@ -129,23 +130,32 @@ def run_batch(
 
     part_uri = join_uri(job_dir(spec), part_name(batch_no))
     body = dumps_lines(records)
-    retry_transient(
-        lambda: svc.storage.put(
-            part_uri, body, content_type="application/x-ndjson", root=spec.output
-        ),
-        budget_s=budget,
-        what=f"write {part_uri}",
-    )
+    with metrics.stage("store"):
+        retry_transient(
+            lambda: svc.storage.put(
+                part_uri, body, content_type="application/x-ndjson", root=spec.output
+            ),
+            budget_s=budget,
+            what=f"write {part_uri}",
+            on_retry=_count_retry("s3"),
+        )
     ok = sum(1 for r in records if r["status"] == "ok")
     errors = Counter(r["error"]["kind"] for r in records if r["status"] == "error")
     weights = next((r["model"]["weights"] for r in records if r["status"] == "ok"), None)
-    counted, claimed = retry_transient(
-        lambda: svc.ledger.complete_batch(
-            job_id, batch_no, ok=ok, errors=errors, dead=dead_reason is not None, weights=weights
-        ),
-        budget_s=budget,
-        what="ledger",
-    )
+    with metrics.stage("ledger"):
+        counted, claimed = retry_transient(
+            lambda: svc.ledger.complete_batch(
+                job_id,
+                batch_no,
+                ok=ok,
+                errors=errors,
+                dead=dead_reason is not None,
+                weights=weights,
+            ),
+            budget_s=budget,
+            what="ledger",
+            on_retry=_count_retry("ledger"),
+        )
     if claimed:
         retry_transient(
             lambda: write_manifest(svc.storage, svc.ledger, job_id),
@@ -154,7 +164,9 @@ def run_batch(
         )
         log.info("job %s complete: manifest written", job_id)
     ms = (time.perf_counter() - t0) * 1000
-    metrics.record_batch(ok=ok, errors=errors, seconds=ms / 1000)
+    metrics.record_batch(
+        ok=ok, errors=errors, seconds=ms / 1000, status="dead" if dead_reason else "done"
+    )
     log.info(
         "job=%s batch=%d images=%d ok=%d error=%d ms=%.0f attempt=%d model=%s:%s%s",
         job_id,
@@ -188,6 +200,10 @@ def _malformed(job_id: object, batch_no: object, uris: object) -> str | None:
     return None
 
 
+def _count_retry(what: str) -> Callable[[TransientError], None]:
+    return lambda _exc: metrics.record_retry(what)
+
+
 def _classify_batch(
     svc: Services,
     job_id: str,
@@ -197,8 +213,13 @@ def _classify_batch(
     version: int | None,
 ) -> list[dict[str, Any]]:
     s = svc.settings
-    with metrics.stage("fetch_preprocess"):
-        loaded = load_batch(svc.storage, uris, s, svc.pool, budget_s=s.retry_budget_s)
+    loaded = load_batch(
+        svc.storage, uris, s, svc.pool, budget_s=s.retry_budget_s, on_retry=_count_retry("s3")
+    )
+    # Fetch and decode overlap on the thread pool: these are the batch's
+    # thread-seconds in each, which is what tells where a worker's time goes.
+    metrics.observe_stage("fetch", sum(x.fetch_s for x in loaded))
+    metrics.observe_stage("preprocess", sum(x.decode_s for x in loaded))
     good = [x for x in loaded if isinstance(x, Loaded)]
     results: dict[str, dict[str, Any]] = {}
     if good:
@@ -210,6 +231,7 @@ def _classify_batch(
                     model_name=model_name,
                     version=version,
                     budget_s=s.retry_budget_s,
+                    on_retry=_count_retry("model"),
                 )
         except InferenceError as exc:
             for g in good:

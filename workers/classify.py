@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from labelmill.errors import TransientError
 from labelmill.model_client import ModelClient
 from labelmill.records import Label, ModelInfo
 from labelmill.retry import retry_transient
@@ -18,6 +19,7 @@ def classify(
     model_name: str,
     version: int | None,
     budget_s: float,
+    on_retry: Callable[[TransientError], None] | None = None,
 ) -> tuple[list[list[Label]], ModelInfo]:
     """Labels for each image, and the model (version, weights) that served them.
 
@@ -29,6 +31,7 @@ def classify(
         lambda: client.predict(batch, version=version),
         budget_s=budget_s,
         what=f"predict {model_name} v{version}",
+        on_retry=on_retry,
     )
     labels = [
         [

@@ -9,13 +9,14 @@ while decoding, so the threads also use several cores.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from labelmill.errors import ImageError
+from labelmill.errors import ImageError, TransientError
 from labelmill.retry import retry_transient
 from labelmill.settings import Settings
 from labelmill.storage import ObjectStore
@@ -29,6 +30,8 @@ class Loaded:
     uri: str
     etag: str | None
     pixels: np.ndarray
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -37,21 +40,32 @@ class Failed:
 
     uri: str
     error: ImageError
+    fetch_s: float = 0.0
+    decode_s: float = 0.0
 
 
 Decoder = Callable[[bytes], np.ndarray]
 
 
 def load_one(
-    storage: ObjectStore, uri: str, settings: Settings, *, budget_s: float
+    storage: ObjectStore,
+    uri: str,
+    settings: Settings,
+    *,
+    budget_s: float,
+    on_retry: Callable[[TransientError], None] | None = None,
 ) -> Loaded | Failed:
     """Fetch and decode one object; permanent problems become :class:`Failed`."""
+    t0 = time.perf_counter()
+    t1: float | None = None  # when the bytes arrived
     try:
         data, etag = retry_transient(
             lambda: storage.get(uri, max_bytes=settings.max_object_bytes),
             budget_s=budget_s,
             what=f"fetch {uri}",
+            on_retry=on_retry,
         )
+        t1 = time.perf_counter()
         if not data:
             raise ImageError("empty", f"{uri}: object is empty (0 bytes)")
         marker = settings.test_crash_marker
@@ -65,8 +79,11 @@ def load_one(
         )
     except ImageError as exc:
         msg = exc.message if uri in exc.message else f"{uri}: {exc.message}"
-        return Failed(uri, ImageError(exc.kind, msg))
-    return Loaded(uri, etag, pixels)
+        now = time.perf_counter()
+        fetched = t1 if t1 is not None else now
+        return Failed(uri, ImageError(exc.kind, msg), fetched - t0, now - fetched)
+    assert t1 is not None
+    return Loaded(uri, etag, pixels, t1 - t0, time.perf_counter() - t1)
 
 
 def load_batch(
@@ -76,7 +93,11 @@ def load_batch(
     pool: ThreadPoolExecutor,
     *,
     budget_s: float,
+    on_retry: Callable[[TransientError], None] | None = None,
 ) -> list[Loaded | Failed]:
     """Fetch and decode every URI, in order. Transient errors past the budget propagate."""
-    futures = [pool.submit(load_one, storage, u, settings, budget_s=budget_s) for u in uris]
+    futures = [
+        pool.submit(load_one, storage, u, settings, budget_s=budget_s, on_retry=on_retry)
+        for u in uris
+    ]
     return [f.result() for f in futures]

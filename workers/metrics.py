@@ -77,6 +77,11 @@ def stage(name: str) -> Iterator[None]:
         STAGE_SECONDS.labels(stage=name).observe(time.perf_counter() - t0)
 
 
+def observe_stage(name: str, seconds: float) -> None:
+    """Record a stage's time measured elsewhere (e.g. summed over fetch threads)."""
+    STAGE_SECONDS.labels(stage=name).observe(seconds)
+
+
 def record_batch(
     *, ok: int, errors: Mapping[str, int], seconds: float, status: str | None = None
 ) -> None:

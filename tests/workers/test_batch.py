@@ -194,3 +194,25 @@ def test_local_files_refused_when_disabled(redis_url: str) -> None:
     out = run_batch(svc, job_id="j", batch_no=0, uris=["file:///etc/passwd"])
     assert out.errors == {"forbidden": 1}
     svc.close()
+
+
+def test_metrics_count_stages_retries_and_outcomes(svc: Services) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    stages = ("fetch", "preprocess", "predict", "store", "ledger")
+    before = {st: value("labelmill_stage_seconds_count", stage=st) for st in stages}
+    retries = value("labelmill_retries_total", what="model")
+    ok_before = value("labelmill_images_total", status="ok", kind="")
+    empty_before = value("labelmill_images_total", status="error", kind="empty")
+    _job(svc)
+    svc.model.failures = [ModelUnavailable("down")]  # type: ignore[attr-defined]
+    uris = [_put(svc, "a.jpg", images.jpeg()), _put(svc, "b.jpg", b"")]
+    run_batch(svc, job_id="j", batch_no=0, uris=uris)
+    for st in stages:
+        assert value("labelmill_stage_seconds_count", stage=st) == before[st] + 1, st
+    assert value("labelmill_retries_total", what="model") == retries + 1
+    assert value("labelmill_images_total", status="ok", kind="") == ok_before + 1
+    assert value("labelmill_images_total", status="error", kind="empty") == empty_before + 1
