@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -263,8 +264,15 @@ class Ledger:
         errors: Mapping[str, int],
         dead: bool = False,
         weights: str | None = None,
+        token: str | None = None,
     ) -> tuple[bool, bool]:
-        """Count a finished batch once. Returns (counted, job_finished_and_ours)."""
+        """Count a finished batch once. Returns (counted, job_finished_and_ours).
+
+        Retry a failed call with the same ``token`` (one per delivery): if the
+        first call claimed the manifest before its reply was lost, the retry
+        still returns ``job_finished_and_ours``.
+        """
+        token = token or uuid.uuid4().hex
         keys = self._keys(job_id)[:4]
         n_err = sum(errors.values())
         try:
@@ -280,6 +288,7 @@ class Ledger:
                     n_err,
                     int(dead),
                     json.dumps(dict(errors)) if errors else "{}",
+                    token,
                 ],
             )
             self.r.hset(keys[0], "updated_at", time.time())

@@ -7,12 +7,18 @@ decides whether a batch counts) and the manifest claim exactly-once
 
 # Marks a batch finished (once), updates counters and reports whether the job
 # just finished. KEYS: job, done, outstanding, dead. ARGV: batch, member,
-# n_ok, n_err, dead(0/1), kinds-json.
+# n_ok, n_err, dead(0/1), kinds-json, claim token. The token is unique to one
+# delivery: when Redis dies after the script ran but before its reply
+# arrived, the same delivery's retry learns that the claim is still its own,
+# while another copy of the batch never does.
 COMPLETE = (
     """
 local prev = redis.call('SETBIT', KEYS[2], ARGV[1], 1)
 redis.call('ZREM', KEYS[3], ARGV[2])
-if prev == 1 then return {0, 0} end
+if prev == 1 then
+  if redis.call('HGET', KEYS[1], 'manifest_claim') == ARGV[7] then return {0, 1} end
+  return {0, 0}
+end
 redis.call('HINCRBY', KEYS[1], 'batches_done', 1)
 redis.call('HINCRBY', KEYS[1], 'images_ok', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'images_error', ARGV[4])
@@ -27,7 +33,7 @@ end
     + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'enqueue_complete', 'batches_total', 'batches_done')
 if f[1] == 'running' and f[2] == '1' and tonumber(f[3] or 0) == tonumber(f[4] or 0) then
-  return {1, redis.call('HSETNX', KEYS[1], 'manifest_claim', 1)}
+  return {1, redis.call('HSETNX', KEYS[1], 'manifest_claim', ARGV[7])}
 end
 return {1, 0}
 """

@@ -6,8 +6,12 @@ workers register the task under the same name on an app built here.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Sequence
+from typing import Any, cast
 
+import redis
 from celery import Celery
 from kombu import Producer, Queue
 
@@ -81,3 +85,47 @@ def send_batch(
         queue=QUEUE,
         producer=producer,
     )
+
+
+def pending_batches(client: redis.Redis, job_id: str, *, chunk: int = 1000) -> set[int]:
+    """Batch numbers of ``job_id`` that have a message: queued, or delivered and unacked.
+
+    Reads kombu's Redis layout (the queue list and the ``unacked`` hash), so
+    `producer retry` can tell a batch still on its way from one whose message
+    was lost (a worker took it in the instant Redis died, before kombu
+    recorded it as unacknowledged).
+    """
+    found: set[int] = set()
+
+    def note(raw: str | bytes) -> None:
+        kwargs = _task_kwargs(json.loads(raw))
+        if kwargs and kwargs.get("job_id") == job_id and isinstance(kwargs.get("batch_no"), int):
+            found.add(kwargs["batch_no"])
+
+    start = 0
+    while True:
+        items = cast(list[str], client.lrange(QUEUE, start, start + chunk - 1))
+        for item in items:
+            note(item)
+        if len(items) < chunk:
+            break
+        start += chunk
+    for value in cast(dict[str, str], client.hgetall("unacked")).values():
+        message = json.loads(value)
+        if isinstance(message, list) and message:
+            note(json.dumps(message[0]))
+    return found
+
+
+def _task_kwargs(message: dict[str, Any]) -> dict[str, Any] | None:
+    """The keyword arguments of a Celery (protocol 2) task message, or None."""
+    if not isinstance(message, dict) or message.get("headers", {}).get("task") != TASK:
+        return None
+    body = message.get("body", "")
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    try:
+        _args, kwargs, _embed = json.loads(body)
+    except (ValueError, TypeError):
+        return None
+    return kwargs if isinstance(kwargs, dict) else None

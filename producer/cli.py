@@ -20,13 +20,11 @@ import typer
 from celery import Celery
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from labelmill.errors import LabelmillError, ServiceError, UsageError
 from labelmill.jobs import is_valid_job_id, status_dict
 from labelmill.ledger import Ledger
-from labelmill.model_client import ModelClient
 from labelmill.queue import make_celery
 from labelmill.settings import Settings
 from labelmill.storage import Storage
@@ -76,6 +74,10 @@ class Env:
         s = self.settings
         if s.model_version is not None:
             return s.model_version
+        # Imported here: grpc and numpy take a tenth of a second, and a job
+        # with a pinned version (or resumed) never talks to the model server.
+        from labelmill.model_client import ModelClient
+
         with ModelClient(
             s.model_server, s.model_name, timeout_s=10.0, retry_budget_s=10.0
         ) as client:
@@ -332,6 +334,9 @@ def _enqueue_progress(show: bool) -> Iterator[enq.Progress | None]:
     if not show:
         yield None
         return
+    # Only on a terminal: scripts (--json, pipes) do not import it.
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),

@@ -17,7 +17,7 @@ from labelmill.jobs import new_job_id, write_job_file, write_manifest
 from labelmill.ledger import JobSpec, Ledger
 from labelmill.queue import send_batch
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import Batch, batches
+from producer.listing import Batch, batch_uris
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def dry_run(storage: ObjectStore, source: str, batch_size: int) -> EnqueueResult
     storage.check_access(source, write=False)
     tail = None
     images = 0
-    for b in batches(storage.list(source), batch_size):
+    for b in batch_uris(storage.list_uris(source), batch_size):
         images += len(b.uris)
         tail = b
     assert tail is not None
@@ -165,7 +165,7 @@ def enqueue(
             resumed=True,
         )
 
-    listing = storage.list(source, start_after=counts.last_key or None)
+    listing = storage.list_uris(source, start_after=counts.last_key or None)
     images_total = counts.images_total
     sent = 0
     tail: Batch | None = None
@@ -203,7 +203,7 @@ def enqueue(
                 progress(b)
         group.clear()
 
-    for b in batches(
+    for b in batch_uris(
         listing,
         spec.batch_size,
         first_batch_no=counts.batches_sent,

@@ -7,7 +7,6 @@ it to find the URIs of a batch whose part file is missing.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,10 +18,19 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 
 def skip_reason(uri: str) -> str | None:
     """Why an object is not enqueued (``None``: it is an image name)."""
-    name = uri.rsplit("/", 1)[-1]  # empty for a folder marker
-    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-        return None
-    return "not_image_name"
+    return None if _is_image_name(uri) else "not_image_name"
+
+
+def _is_image_name(uri: str) -> bool:
+    """Whether the last segment's extension, as :func:`os.path.splitext` sees it, is an image's.
+
+    Written out with ``rpartition`` (four times faster: it runs once per key):
+    the extension starts at the last dot unless only dots precede it (``.jpg``
+    is a hidden file's name, not an extension).
+    """
+    name = uri[uri.rfind("/") + 1 :]  # empty for a folder marker
+    stem, dot, ext = name.rpartition(".")
+    return bool(dot) and bool(stem.lstrip(".")) and dot + ext.lower() in IMAGE_EXTENSIONS
 
 
 @dataclass
@@ -45,26 +53,52 @@ def batches(
     skipped: Counter[str] | None = None,
     last_key: str = "",
 ) -> Iterator[Batch]:
-    """Group image objects into batches of ``batch_size``; the last may be short.
+    """:func:`batch_uris` of a listing's objects."""
+    return batch_uris(
+        (obj.uri for obj in objects),
+        batch_size,
+        first_batch_no=first_batch_no,
+        listed=listed,
+        skipped=skipped,
+        last_key=last_key,
+    )
+
+
+def batch_uris(
+    uris: Iterable[str],
+    batch_size: int,
+    *,
+    first_batch_no: int = 0,
+    listed: int = 0,
+    skipped: Counter[str] | None = None,
+    last_key: str = "",
+) -> Iterator[Batch]:
+    """Group image URIs into batches of ``batch_size``; the last may be short.
 
     The final item is always a tail with no URIs (see below).
 
     ``listed`` and ``skipped`` carry running totals over from a resumed listing.
+    Batches share one copy of the totals until they change (never mutate
+    ``Batch.skipped``).
     """
     skipped = Counter(skipped or {})
+    totals = Counter(skipped)  # the copy handed out with batches
+    changed = False
     current: list[str] = []
     batch_no = first_batch_no
     last = last_key
-    for obj in objects:
+    for uri in uris:
         listed += 1
-        last = obj.uri
-        reason = skip_reason(obj.uri)
-        if reason:
-            skipped[reason] += 1
+        last = uri
+        if not _is_image_name(uri):
+            skipped["not_image_name"] += 1
+            changed = True
             continue
-        current.append(obj.uri)
+        current.append(uri)
         if len(current) == batch_size:
-            yield Batch(batch_no, current, listed, last, Counter(skipped))
+            if changed:
+                totals, changed = Counter(skipped), False
+            yield Batch(batch_no, current, listed, last, totals)
             batch_no += 1
             current = []
     if current:

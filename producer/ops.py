@@ -12,9 +12,9 @@ from celery import Celery
 from labelmill.errors import JobNotFound, UsageError
 from labelmill.jobs import job_dir, write_manifest
 from labelmill.ledger import JobSpec, Ledger
-from labelmill.queue import send_batch
+from labelmill.queue import pending_batches, send_batch
 from labelmill.storage import ObjectStore, join_uri, normalise_uri
-from producer.listing import batches
+from producer.listing import batch_uris
 from producer.results import load_job_file, part_files, read_part
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _resend_missing(
     sent: list[int] = []
     if not missing:
         return sent
-    for b in batches(storage.list(spec.input), spec.batch_size):
+    for b in batch_uris(storage.list_uris(spec.input), spec.batch_size):
         if b.uris and b.batch_no in missing:
             ledger.mark_outstanding(spec.job_id, b.batch_no)
             send_batch(
@@ -74,7 +74,8 @@ def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Res
             out.dead.append(batch_no)
     if counts.enqueue_complete and counts.batches_total:
         have = {no for no, _uri in part_files(storage, base)}
-        queued = set(ledger.outstanding_batches(job_id))
+        # Not the outstanding set: a batch whose message was lost stays in it.
+        queued = pending_batches(ledger.r, job_id)
         lost = {
             b
             for b in range(counts.batches_total)
@@ -116,7 +117,7 @@ def reconcile(
 
     tail = None
     images = 0
-    for b in batches(storage.list(spec.input), spec.batch_size):
+    for b in batch_uris(storage.list_uris(spec.input), spec.batch_size):
         images += len(b.uris)
         tail = b
     assert tail is not None

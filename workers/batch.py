@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +143,7 @@ def run_batch(
     ok = sum(1 for r in records if r["status"] == "ok")
     errors = Counter(r["error"]["kind"] for r in records if r["status"] == "error")
     weights = next((r["model"]["weights"] for r in records if r["status"] == "ok"), None)
+    token = uuid.uuid4().hex  # one per delivery: see Ledger.complete_batch
     with metrics.stage("ledger"):
         counted, claimed = retry_transient(
             lambda: svc.ledger.complete_batch(
@@ -151,6 +153,7 @@ def run_batch(
                 errors=errors,
                 dead=dead_reason is not None,
                 weights=weights,
+                token=token,
             ),
             budget_s=budget,
             what="ledger",

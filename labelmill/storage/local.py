@@ -39,11 +39,49 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+# Kinds of directory entries, from the entry's type (no stat on Linux).
+_DIR, _LINK, _FILE, _OTHER = 0, 1, 2, 3
+
+
+def _entry(e: os.DirEntry[str]) -> tuple[str, int]:
+    """``(name, kind)``; a directory's name gets its "/" so that sorting gives path order."""
+    if e.is_dir(follow_symlinks=False):
+        return e.name + "/", _DIR
+    if e.is_symlink():
+        return e.name, _LINK
+    return e.name, _FILE if e.is_file(follow_symlinks=False) else _OTHER
+
+
+def _inside_root(path: str, real_root: str) -> bool:
+    """Whether a symlink resolves inside the listed directory (else: warn, skip)."""
+    try:
+        if _inside(os.path.realpath(path), real_root):
+            return True
+    except OSError:
+        return False
+    logger.warning("skipping %s: symlink out of the listed directory", _uri(path))
+    return False
+
+
 class LocalFiles:
     """Reads and writes files under absolute paths taken from ``file://`` URIs."""
 
     def list(self, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
         """Regular files whose path starts with ``prefix``, in sorted path order."""
+        infos = (self._file_info(path) for path, _ in self._files(prefix, start_after))
+        return (info for info in infos if info is not None)
+
+    def list_paths(self, prefix: str, start_after: str | None) -> Iterator[str]:
+        """The paths :meth:`list` lists, without a ``stat`` per regular file.
+
+        The directory entry's type says "regular file" for free on Linux;
+        only symlinks are followed (and checked) with a ``stat``.
+        """
+        files = self._files(prefix, start_after)
+        return (path for path, is_link in files if not is_link or self._file_info(path))
+
+    def _files(self, prefix: str, start_after: str | None) -> Iterator[tuple[str, bool]]:
+        """``(path, is_link)``: regular files and symlinks resolving inside the directory."""
         if not prefix.endswith("/") and os.path.isdir(prefix):
             prefix += "/"
         directory, _, name_prefix = prefix.rpartition("/")
@@ -52,40 +90,35 @@ class LocalFiles:
 
     def _walk(
         self, directory: str, name_prefix: str, start_after: str | None, real_root: str
-    ) -> Iterator[ObjectInfo]:
+    ) -> Iterator[tuple[str, bool]]:
         try:
             with os.scandir(directory) as it:
-                entries = sorted(
-                    (e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e.is_symlink())
-                    for e in it
-                    if e.name.startswith(name_prefix)
-                )
+                entries = sorted(_entry(e) for e in it if e.name.startswith(name_prefix))
         except FileNotFoundError:
             return
         except OSError as exc:  # unreadable subdirectory: say so, list the rest
             logger.warning("cannot list %s: %s", _uri(directory), exc.strerror)
             return
-        for name, is_link in entries:
+        for name, kind in entries:
             path = directory + name
             # A directory still matters when the resume point lies inside it.
             if (
                 start_after is not None
                 and path <= start_after
-                and not (name.endswith("/") and start_after.startswith(path))
+                and not (kind == _DIR and start_after.startswith(path))
             ):
                 continue
-            if name.endswith("/"):
+            if kind == _DIR:
                 yield from self._walk(path, "", start_after, real_root)
-                continue
-            info = self._file_info(path, is_link, real_root)
-            if info is not None:
-                yield info
+            elif kind == _LINK:
+                if _inside_root(path, real_root):
+                    yield path, True
+            elif kind == _FILE:
+                yield path, False
 
-    def _file_info(self, path: str, is_link: bool, real_root: str) -> ObjectInfo | None:
+    @staticmethod
+    def _file_info(path: str) -> ObjectInfo | None:
         try:
-            if is_link and not _inside(os.path.realpath(path), real_root):
-                logger.warning("skipping %s: symlink out of the listed directory", _uri(path))
-                return None
             st = os.stat(path)
         except OSError:  # removed while listing, or a dangling link
             return None

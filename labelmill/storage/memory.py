@@ -65,6 +65,11 @@ class MemoryStorage:
             [ObjectInfo(uri=k, size=len(v), etag=self._etag(v)) for k, v in snapshot[start:]]
         )
 
+    def list_uris(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[str]:
+        """Like :meth:`Storage.list_uris`: the URIs of :meth:`list`."""
+        listing = self.list(prefix_uri, start_after=start_after)
+        return (info.uri for info in listing)
+
     def get(self, uri: str, *, max_bytes: int) -> tuple[bytes, str | None]:
         """Like :meth:`Storage.get`: ImageError for missing, refused or oversized objects."""
         try:

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
 
 from labelmill.errors import ImageError, UsageError
 from labelmill.settings import Settings
 from labelmill.storage import policy
 from labelmill.storage.local import LocalFiles
-from labelmill.storage.s3 import S3Objects
 from labelmill.storage.uris import ObjectInfo, file_path, normalise_uri, split_s3
+
+if TYPE_CHECKING:
+    from labelmill.storage.s3 import S3Objects
 
 
 class ObjectStore(Protocol):
     """What the producer and workers need from object storage (real or in memory)."""
 
     def list(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]: ...
+
+    def list_uris(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[str]: ...
 
     def get(self, uri: str, *, max_bytes: int) -> tuple[bytes, str | None]: ...
 
@@ -46,8 +51,16 @@ class Storage:
 
     def __init__(self, settings: Settings, *, s3_client: Any | None = None) -> None:
         self.settings = settings
-        self._s3 = S3Objects(settings, s3_client)
+        self._s3_client = s3_client
         self._local = LocalFiles()
+
+    @cached_property
+    def _s3(self) -> S3Objects:
+        # Imported on first S3 use: boto3 takes a tenth of a second to import,
+        # which a producer or worker on local files does not need to pay.
+        from labelmill.storage.s3 import S3Objects
+
+        return S3Objects(self.settings, self._s3_client)
 
     @property
     def s3_client(self) -> Any:
@@ -67,6 +80,26 @@ class Storage:
         Streams: pages of 1000 keys from S3, one directory at a time locally.
         Errors about the location itself are raised here, before iteration.
         """
+        where, after = self._listed(prefix_uri, start_after)
+        if isinstance(where, tuple):
+            return self._s3.list(*where, after)
+        return self._local.list(where, after)
+
+    def list_uris(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[str]:
+        """The URIs :meth:`list` lists, in the same order, without size or etag.
+
+        For callers that need names only (the producer): locally that saves
+        a ``stat`` per file, on S3 an :class:`ObjectInfo` per key.
+        """
+        where, after = self._listed(prefix_uri, start_after)
+        if isinstance(where, tuple):
+            return self._s3.list_uris(*where, after)
+        return map("file://".__add__, self._local.list_paths(where, after))
+
+    def _listed(
+        self, prefix_uri: str, start_after: str | None
+    ) -> tuple[tuple[str, str] | str, str | None]:
+        """``((bucket, key), after_key)`` for S3, ``(path, after_path)`` locally."""
         prefix = self._allowed(prefix_uri, input_read=True)
         after = normalise_uri(start_after) if start_after else None
         if prefix.startswith("s3://"):
@@ -76,10 +109,10 @@ class Storage:
                 after_bucket, after_key = split_s3(after) if after.startswith("s3://") else ("", "")
                 if after_bucket != bucket:
                     raise UsageError(f"start_after {start_after!r} is not in {prefix_uri!r}")
-            return self._s3.list(bucket, key, after_key)
+            return (bucket, key), after_key
         if after is not None and not after.startswith("file://"):
             raise UsageError(f"start_after {start_after!r} is not in {prefix_uri!r}")
-        return self._local.list(file_path(prefix), file_path(after) if after else None)
+        return file_path(prefix), file_path(after) if after else None
 
     def get(self, uri: str, *, max_bytes: int) -> tuple[bytes, str | None]:
         """An input object's bytes and etag, at most ``max_bytes`` of them.

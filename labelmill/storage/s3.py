@@ -136,6 +136,22 @@ class S3Objects:
         return ServiceError(f"{uri}: S3 answered {code} (HTTP {status})")
 
     def list(self, bucket: str, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
+        for page in self._pages(bucket, prefix, start_after):
+            for item in page.get("Contents", ()):
+                etag = item.get("ETag")
+                yield ObjectInfo(
+                    uri=f"s3://{bucket}/{item['Key']}",
+                    size=int(item.get("Size", 0)),
+                    etag=etag.strip('"') if etag else None,
+                )
+
+    def list_uris(self, bucket: str, prefix: str, start_after: str | None) -> Iterator[str]:
+        """The URIs :meth:`list` lists, without building an ObjectInfo per key."""
+        head = f"s3://{bucket}/"
+        for page in self._pages(bucket, prefix, start_after):
+            yield from [head + item["Key"] for item in page.get("Contents", ())]
+
+    def _pages(self, bucket: str, prefix: str, start_after: str | None) -> Iterator[Any]:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         if start_after:
             kwargs["StartAfter"] = start_after
@@ -158,17 +174,7 @@ class S3Objects:
                 if page is None:
                     return
                 upcoming = ahead.submit(fetch)
-                yield from self._infos(bucket, page)
-
-    @staticmethod
-    def _infos(bucket: str, page: Any) -> Iterator[ObjectInfo]:
-        for item in page.get("Contents", ()):
-            etag = item.get("ETag")
-            yield ObjectInfo(
-                uri=f"s3://{bucket}/{item['Key']}",
-                size=int(item.get("Size", 0)),
-                etag=etag.strip('"') if etag else None,
-            )
+                yield page
 
     def get(self, bucket: str, key: str, max_bytes: int) -> tuple[bytes, str | None]:
         uri = f"s3://{bucket}/{key}"

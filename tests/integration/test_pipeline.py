@@ -358,3 +358,39 @@ def test_cli_errors_are_one_line(pipeline: Pipeline) -> None:
         "enqueue", "s3://no-such-bucket-xyz/x/", "--output", f"s3://{p.bucket}/o/", check=False
     )
     assert res.returncode == 2 and "no-such-bucket-xyz" in res.stderr
+
+
+def test_retry_resends_a_batch_whose_message_was_lost(pipeline: Pipeline) -> None:
+    """A message gone from Redis (taken as Redis died) is found and re-sent by retry."""
+    from labelmill.queue import pending_batches
+    from tests.fixtures.procs import wait_until
+
+    p = pipeline
+    for i in range(8):
+        p.put(f"l/{i}.jpg", images.jpeg(16, 16, seed=i))
+    job = p.enqueue(f"s3://{p.bucket}/l/", f"s3://{p.bucket}/o/", "--batch-size", "2")
+    jid = job["job_id"]
+    r = p.ledger.r
+    assert pending_batches(r, jid) == {0, 1, 2, 3}
+    # Lose batch 2's message.
+    for raw in r.lrange("classify", 0, -1):
+        if _batch_of(raw) == 2:
+            r.lrem("classify", 1, raw)
+    assert pending_batches(r, jid) == {0, 1, 3}
+    p.start_worker()
+    wait_until(lambda: _drained(p), timeout=60, what="queue drained")
+    st = json.loads(p.producer("status", jid, "--json").stdout)
+    assert st["state"] == "running" and st["batches"]["outstanding"] == 1
+    res = json.loads(p.producer("retry", jid, "--json").stdout)
+    assert res["missing_batches_resent"] == [2]
+    status = p.wait_done(jid)
+    assert status["images"] == {"total": 8, "ok": 8, "error": 0, "skipped": 0}
+    assert len(_lines(p, f"o/{jid}/")) == 8
+
+
+def _batch_of(raw: str) -> int | None:
+    import base64
+
+    message = json.loads(raw)
+    _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    return int(kwargs["batch_no"])

@@ -144,3 +144,15 @@ def test_unreachable_redis_is_a_service_error() -> None:
     ledger = Ledger.from_url("redis://127.0.0.1:1/0")
     with pytest.raises(LedgerUnavailable):
         ledger.ping()
+
+
+def test_a_lost_reply_does_not_lose_the_manifest_claim(ledger: Ledger) -> None:
+    """The same delivery retrying after a lost reply keeps its claim; a copy does not."""
+    ledger.create_job(_spec())
+    ledger.finish_enqueue("j1", 1, {})
+    assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-a") == (True, True)
+    # Redis died before the reply: the worker retries the same call.
+    assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-a") == (False, True)
+    # Another copy of the batch never gets it.
+    assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-b") == (False, False)
+    assert ledger.counts("j1").images_ok == 1

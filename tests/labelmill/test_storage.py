@@ -401,3 +401,31 @@ def test_memory_storage_is_thread_safe() -> None:
     for t in threads:
         t.join()
     assert sum(1 for _ in store.list("s3://bkt/")) == 1600
+
+
+def test_list_uris_equals_the_listing_uris(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    make_files(outside, ["secret.jpg"])
+    root = tmp_path / "root"
+    make_files(root, ["a.jpg", "b/c.png", "b/d.txt", "e f#?.jpg", "z.jpg"])
+    (root / "link-in.jpg").symlink_to(root / "a.jpg")
+    (root / "link-out.jpg").symlink_to(outside / "secret.jpg")
+    (root / "dangling.jpg").symlink_to(tmp_path / "nothing")
+    (root / "dir-link").symlink_to(root / "b")
+    os.mkfifo(root / "fifo.jpg")
+    storage = local_storage()
+    for after in (None, f"file://{root}/b/", f"file://{root}/b/c.png", f"file://{root}/e"):
+        expected = [o.uri for o in storage.list(str(root), start_after=after)]
+        assert list(storage.list_uris(str(root), start_after=after)) == expected
+    assert relative(list(storage.list_uris(str(root))), root) == [
+        "a.jpg", "b/c.png", "b/d.txt", "e f#?.jpg", "link-in.jpg", "z.jpg",
+    ]  # fmt: skip
+    with pytest.raises(UsageError, match="not in LABELMILL_ALLOWED_BUCKETS"):
+        local_storage(allowed_buckets=["photos"]).list_uris("s3://other/")
+
+    memory = MemoryStorage(Settings(allowed_buckets=["photos"]))
+    for name in ("x/1.jpg", "x/2.jpg", "y.jpg"):
+        memory.put(f"s3://photos/{name}", b"1")
+    assert list(memory.list_uris("s3://photos/x/", start_after="s3://photos/x/1.jpg")) == [
+        "s3://photos/x/2.jpg"
+    ]
