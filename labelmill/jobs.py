@@ -61,11 +61,9 @@ def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
     # From job creation: the first results arrive a whole batch after the
     # start, so timing from them would overstate the rate of a short job.
     started = counts.created_at
-    end = counts.finished_at or counts.updated_at or now
-    if counts.state not in ("done", "cancelled"):
-        end = now
+    end = (counts.finished_at or now) if counts.state in ("done", "cancelled") else now
     elapsed = max(end - started, 1e-9)
-    rate = finished / elapsed if finished and counts.first_result_at else 0.0
+    rate = finished / elapsed
     remaining = max(counts.images_total - finished, 0)
     eta: float | None
     if counts.state in ("done", "cancelled"):

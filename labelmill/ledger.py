@@ -28,8 +28,6 @@ import redis
 from labelmill.errors import JobNotFound, LedgerUnavailable
 from labelmill.ledger_scripts import COMPLETE, FINISH_ENQUEUE, REOPEN_DEAD
 
-STATES = ("enqueuing", "running", "done", "cancelled")
-
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -97,9 +95,7 @@ class JobCounts:
     enqueue_complete: bool = False
     model_weights: str = ""
     created_at: float = 0.0
-    first_result_at: float | None = None
     finished_at: float | None = None
-    updated_at: float | None = None
 
     @property
     def images_skipped(self) -> int:
@@ -276,9 +272,6 @@ class Ledger:
         keys = self._keys(job_id)[:4]
         n_err = sum(errors.values())
         try:
-            if weights:
-                self.r.hsetnx(keys[0], "model_weights", weights)
-            self.r.hsetnx(keys[0], "first_result_at", time.time())
             counted, claimed = self._complete(
                 keys=keys,
                 args=[
@@ -289,9 +282,9 @@ class Ledger:
                     int(dead),
                     json.dumps(dict(errors)) if errors else "{}",
                     token,
+                    weights or "",
                 ],
             )
-            self.r.hset(keys[0], "updated_at", time.time())
         except redis.RedisError as exc:
             raise _wrap(exc) from None
         return bool(counted), bool(claimed)
@@ -347,9 +340,7 @@ class Ledger:
             enqueue_complete=h.get("enqueue_complete") == "1",
             model_weights=h.get("model_weights", ""),
             created_at=float(h.get("created_at", 0) or 0),
-            first_result_at=opt("first_result_at"),
             finished_at=opt("finished_at"),
-            updated_at=opt("updated_at"),
         )
 
     def dead_batches(self, job_id: str) -> list[int]:
@@ -446,7 +437,3 @@ class Ledger:
             pipe.execute()
         except redis.RedisError as exc:
             raise _wrap(exc) from None
-
-    def claim_if_complete(self, job_id: str) -> bool:
-        """After a rebuild: True if every batch is done and this caller owns the manifest."""
-        return self.finish_enqueue(job_id, self.counts(job_id).batches_total or 0, {})

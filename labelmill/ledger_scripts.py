@@ -7,12 +7,13 @@ decides whether a batch counts) and the manifest claim exactly-once
 
 # Marks a batch finished (once), updates counters and reports whether the job
 # just finished. KEYS: job, done, outstanding, dead. ARGV: batch, member,
-# n_ok, n_err, dead(0/1), kinds-json, claim token. The token is unique to one
-# delivery: when Redis dies after the script ran but before its reply
-# arrived, the same delivery's retry learns that the claim is still its own,
-# while another copy of the batch never does.
+# n_ok, n_err, dead(0/1), kinds-json, claim token, weights tag ('' if none).
+# The token is unique to one delivery: when Redis dies after the script ran
+# but before its reply arrived, the same delivery's retry learns that the
+# claim is still its own, while another copy of the batch never does.
 COMPLETE = (
     """
+if ARGV[8] ~= '' then redis.call('HSETNX', KEYS[1], 'model_weights', ARGV[8]) end
 local prev = redis.call('SETBIT', KEYS[2], ARGV[1], 1)
 redis.call('ZREM', KEYS[3], ARGV[2])
 if prev == 1 then

@@ -166,7 +166,8 @@ def ensure_model(base: Path, *, log: Callable[[str], None] = print) -> str:
     return weights
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Nothing listens on ``port`` (one left in TIME_WAIT by a closed connection is free)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -245,7 +246,7 @@ def up(root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool
         raise StackError(
             f"the stack is already running (pid {pidfile.read_text().strip()}); `make down` first"
         )
-    busy = [f"{n}={p}" for n, p in ports.all().items() if not _port_free(p)]
+    busy = [f"{n}={p}" for n, p in ports.all().items() if not port_free(p)]
     if busy:
         raise StackError(f"ports in use: {', '.join(busy)} (see README: troubleshooting)")
     if not any(p.name.isdigit() for p in model_base.glob("*")):

@@ -17,7 +17,7 @@ from labelmill.jobs import new_job_id, write_job_file, write_manifest
 from labelmill.ledger import JobSpec, Ledger
 from labelmill.queue import send_batch
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import Batch, batch_uris
+from producer.listing import Batch, batch_uris, last_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,13 @@ def dry_run(storage: ObjectStore, source: str, batch_size: int) -> EnqueueResult
     """List and count without writing anything anywhere."""
     source = normalise_uri(source)
     storage.check_access(source, write=False)
-    tail = None
-    images = 0
-    for b in batch_uris(storage.list_uris(source), batch_size):
-        images += len(b.uris)
-        tail = b
-    assert tail is not None
+    tail = last_batch(storage.list_uris(source), batch_size)
     return EnqueueResult(
         job_id="",
         state="dry-run",
         new_batches=0,
         batches_total=tail.batch_no,
-        images_total=images,
+        images_total=tail.images,
         skipped=dict(tail.skipped),
         model_version=None,
         output="",
@@ -166,14 +161,13 @@ def enqueue(
         )
 
     listing = storage.list_uris(source, start_after=counts.last_key or None)
-    images_total = counts.images_total
     sent = 0
     tail: Batch | None = None
     group: list[Batch] = []
     group_size = _group_size(max_outstanding)
 
     def send_group() -> None:
-        nonlocal images_total, sent
+        nonlocal sent
         if not group:
             return
         # Room for the whole group at once: the window still holds.
@@ -195,9 +189,8 @@ def enqueue(
                     model_version=spec.model_version,
                     producer=publisher,
                 )
-                images_total += len(b.uris)
         sent += len(group)
-        ledger.record_enqueued(job_id, _position(group[-1], images_total))
+        ledger.record_enqueued(job_id, group[-1].position())
         if progress:
             for b in group:
                 progress(b)
@@ -219,7 +212,7 @@ def enqueue(
             send_group()
     send_group()
     assert tail is not None
-    claimed = ledger.finish_enqueue(job_id, tail.batch_no, _position(tail, images_total))
+    claimed = ledger.finish_enqueue(job_id, tail.batch_no, tail.position())
     if claimed:
         write_manifest(storage, ledger, job_id)
     counts = ledger.counts(job_id)
@@ -228,7 +221,7 @@ def enqueue(
         state=counts.state,
         new_batches=sent,
         batches_total=tail.batch_no,
-        images_total=images_total,
+        images_total=tail.images,
         skipped=dict(tail.skipped),
         model_version=spec.model_version,
         output=output,
@@ -236,23 +229,12 @@ def enqueue(
     )
 
 
-# Batches sent per ledger update. Per batch, the producer made four Redis
-# round trips (window, outstanding, message, position); per group of 16 it
-# makes 2 + 2 * 16. Small windows keep groups small so that the window still
-# fills one batch at a time (bench/enqueue.py).
+# Batches sent per ledger update. Per batch, the producer would make four
+# Redis round trips (window, outstanding, message, position); per group it
+# makes four in all (one ZADD, one pipelined publish). Small windows keep
+# groups small so that the window still fills one batch at a time.
 GROUP_BATCHES = 16
 
 
 def _group_size(max_outstanding: int) -> int:
     return max(1, min(GROUP_BATCHES, max_outstanding // 8))
-
-
-def _position(b: Batch, images_total: int) -> dict[str, str | int | float]:
-    fields: dict[str, str | int | float] = {
-        "batches_sent": b.batch_no + 1 if b.uris else b.batch_no,
-        "listed": b.listed,
-        "last_key": b.last_key,
-        "images_total": images_total,
-    }
-    fields.update({f"skip:{k}": v for k, v in b.skipped.items()})
-    return fields

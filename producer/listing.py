@@ -7,21 +7,14 @@ it to find the URIs of a batch whose part file is missing.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-
-from labelmill.storage import ObjectInfo
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-def skip_reason(uri: str) -> str | None:
-    """Why an object is not enqueued (``None``: it is an image name)."""
-    return None if _is_image_name(uri) else "not_image_name"
-
-
-def _is_image_name(uri: str) -> bool:
+def is_image_name(uri: str) -> bool:
     """Whether the last segment's extension, as :func:`os.path.splitext` sees it, is an image's.
 
     Written out with ``rpartition`` (four times faster: it runs once per key):
@@ -43,25 +36,21 @@ class Batch:
     last_key: str  # the last URI listed so far
     skipped: Counter[str] = field(default_factory=Counter)  # running totals
 
+    @property
+    def images(self) -> int:
+        """Image names listed so far, this batch included."""
+        return self.listed - sum(self.skipped.values())
 
-def batches(
-    objects: Iterable[ObjectInfo],
-    batch_size: int,
-    *,
-    first_batch_no: int = 0,
-    listed: int = 0,
-    skipped: Counter[str] | None = None,
-    last_key: str = "",
-) -> Iterator[Batch]:
-    """:func:`batch_uris` of a listing's objects."""
-    return batch_uris(
-        (obj.uri for obj in objects),
-        batch_size,
-        first_batch_no=first_batch_no,
-        listed=listed,
-        skipped=skipped,
-        last_key=last_key,
-    )
+    def position(self) -> dict[str, str | int | float]:
+        """The job-hash fields that record the listing up to this batch (for resume)."""
+        fields: dict[str, str | int | float] = {
+            "batches_sent": self.batch_no + 1 if self.uris else self.batch_no,
+            "listed": self.listed,
+            "last_key": self.last_key,
+            "images_total": self.images,
+        }
+        fields.update({f"skip:{k}": v for k, v in self.skipped.items()})
+        return fields
 
 
 def batch_uris(
@@ -90,7 +79,7 @@ def batch_uris(
     for uri in uris:
         listed += 1
         last = uri
-        if not _is_image_name(uri):
+        if not is_image_name(uri):
             skipped["not_image_name"] += 1
             changed = True
             continue
@@ -107,3 +96,9 @@ def batch_uris(
     # The tail: no URIs; its number is the job's batch count and it carries
     # the final totals (skipped objects after the last image included).
     yield Batch(batch_no, [], listed, last, Counter(skipped))
+
+
+def last_batch(uris: Iterable[str], batch_size: int) -> Batch:
+    """The tail of a whole listing: the batch count and the listing's totals."""
+    (tail,) = deque(batch_uris(uris, batch_size), maxlen=1)  # there is always a tail
+    return tail

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +14,9 @@ from labelmill.errors import JobNotFound, UsageError
 from labelmill.jobs import job_dir, write_manifest
 from labelmill.ledger import JobSpec, Ledger
 from labelmill.queue import pending_batches, send_batch
+from labelmill.records import part_name
 from labelmill.storage import ObjectStore, join_uri, normalise_uri
-from producer.listing import batch_uris
+from producer.listing import Batch, batch_uris
 from producer.results import load_job_file, part_files, read_part
 
 log = logging.getLogger(__name__)
@@ -38,25 +40,25 @@ class Resent:
         }
 
 
-def _resend_missing(
-    storage: ObjectStore, ledger: Ledger, app: Celery, spec: JobSpec, missing: set[int]
-) -> list[int]:
-    """Re-list the input and send the batches whose numbers are in ``missing``."""
+def _resend(
+    storage: ObjectStore, ledger: Ledger, app: Celery, spec: JobSpec, wanted: Callable[[int], bool]
+) -> tuple[list[int], Batch]:
+    """Re-list the input, send the batches ``wanted`` picks; return them and the tail."""
     sent: list[int] = []
-    if not missing:
-        return sent
-    for b in batch_uris(storage.list_uris(spec.input), spec.batch_size):
-        if b.uris and b.batch_no in missing:
-            ledger.mark_outstanding(spec.job_id, b.batch_no)
+    tail = None
+    for tail in batch_uris(storage.list_uris(spec.input), spec.batch_size):
+        if tail.uris and wanted(tail.batch_no):
+            ledger.mark_outstanding(spec.job_id, tail.batch_no)
             send_batch(
                 app,
                 job_id=spec.job_id,
-                batch_no=b.batch_no,
-                uris=b.uris,
+                batch_no=tail.batch_no,
+                uris=tail.uris,
                 model_version=spec.model_version,
             )
-            sent.append(b.batch_no)
-    return sent
+            sent.append(tail.batch_no)
+    assert tail is not None  # batch_uris always ends with a tail
+    return sent, tail
 
 
 def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Resent:
@@ -66,7 +68,7 @@ def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Res
     out = Resent(job_id)
     base = job_dir(spec)
     for batch_no in ledger.dead_batches(job_id):
-        uris = [r["uri"] for r in read_part(storage, join_uri(base, f"part-{batch_no:09d}.jsonl"))]
+        uris = [r["uri"] for r in read_part(storage, join_uri(base, part_name(batch_no)))]
         if uris and ledger.reopen_dead(job_id, batch_no, len(uris)):
             send_batch(
                 app, job_id=job_id, batch_no=batch_no, uris=uris, model_version=spec.model_version
@@ -81,7 +83,8 @@ def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Res
             for b in range(counts.batches_total)
             if b not in have and b not in queued and not ledger.is_done(job_id, b)
         }
-        out.missing = _resend_missing(storage, ledger, app, spec, lost)
+        if lost:
+            out.missing, _tail = _resend(storage, ledger, app, spec, lost.__contains__)
     return out
 
 
@@ -115,24 +118,13 @@ def reconcile(
         dead = bool(lines) and errs.get("dead", 0) == len(lines)
         done[batch_no] = (ok, dict(errs), dead)
 
-    tail = None
-    images = 0
-    for b in batch_uris(storage.list_uris(spec.input), spec.batch_size):
-        images += len(b.uris)
-        tail = b
-    assert tail is not None
-    total = tail.batch_no
-    fields: dict[str, str | int | float] = {
-        "batches_sent": total,
-        "listed": tail.listed,
-        "last_key": tail.last_key,
-        "images_total": images,
-        **{f"skip:{k}": v for k, v in tail.skipped.items()},
-    }
-    ledger.reset_counts(job_id, done_batches=done, fields=fields)
-    missing = {b for b in range(total) if b not in done}
-    out = Resent(job_id, missing=_resend_missing(storage, ledger, app, spec, missing))
-    if ledger.finish_enqueue(job_id, total, {"state": "running"}):
+    # Counters first, from the part files; then one pass over the listing that
+    # re-sends what has no part file; then the listing's totals, which also
+    # let the last batch to finish claim the manifest.
+    ledger.reset_counts(job_id, done_batches=done, fields={"state": "running"})
+    sent, tail = _resend(storage, ledger, app, spec, lambda b: b not in done)
+    out = Resent(job_id, missing=sent)
+    if ledger.finish_enqueue(job_id, tail.batch_no, tail.position()):
         write_manifest(storage, ledger, job_id)
         out.finished = True
     return out

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from labelmill.stack import Ports
+from labelmill.stack import Ports, port_free
 from tests import images
 from tests.fixtures.procs import wait_until
 
@@ -28,20 +27,9 @@ def _free_block(n: int = 7) -> int:
     start = random.randrange(20000, 28000)
     for base in range(start, start + 8000, 37):
         ports = [base + i for i in range(n)] + [base + i + 10000 for i in range(n)]
-        if all(_free(p) for p in ports):
+        if all(port_free(p) for p in ports):
             return base
     raise RuntimeError("no free port block")
-
-
-def _free(port: int) -> bool:
-    """Nothing listens there (a port in TIME_WAIT after a closed connection is free)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _env(stack_dir: Path) -> dict[str, str]:
@@ -102,7 +90,7 @@ def test_stack_up_runs_a_job_and_down_stops_only_its_processes(
                               capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert down.returncode == 0
     wait_until(
-        lambda: all(_free(p) for p in (ports.redis, ports.s3, ports.model, ports.flower)),
+        lambda: all(port_free(p) for p in (ports.redis, ports.s3, ports.model, ports.flower)),
         timeout=30,
         what="the stack's ports to be released",
     )

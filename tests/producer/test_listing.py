@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from labelmill.storage import ObjectInfo
-from producer.listing import batches, skip_reason
+from producer.listing import batch_uris, is_image_name, last_batch
 
 
 @pytest.mark.parametrize(
@@ -22,7 +21,7 @@ from producer.listing import batches, skip_reason
     ],
 )
 def test_image_names_are_kept(uri: str) -> None:
-    assert skip_reason(uri) is None
+    assert is_image_name(uri)
 
 
 @pytest.mark.parametrize(
@@ -38,16 +37,16 @@ def test_image_names_are_kept(uri: str) -> None:
     ],
 )
 def test_other_names_are_skipped(uri: str) -> None:
-    assert skip_reason(uri) == "not_image_name"
+    assert not is_image_name(uri)
 
 
-def _objs(*names: str) -> list[ObjectInfo]:
-    return [ObjectInfo(uri=f"s3://b/{n}", size=1, etag=None) for n in names]
+def _objs(*names: str) -> list[str]:
+    return [f"s3://b/{n}" for n in names]
 
 
 def test_batches_group_images_and_count_skips() -> None:
     objs = _objs("a.jpg", "b.txt", "c.png", "d.jpg", "e/", "f.jpg", "g.txt")
-    out = list(batches(objs, 2))
+    out = list(batch_uris(objs, 2))
     assert [b.uris for b in out] == [
         ["s3://b/a.jpg", "s3://b/c.png"],
         ["s3://b/d.jpg", "s3://b/f.jpg"],
@@ -62,7 +61,7 @@ def test_batches_group_images_and_count_skips() -> None:
 
 def test_short_last_batch_and_resume_totals() -> None:
     out = list(
-        batches(
+        batch_uris(
             _objs("x.jpg", "y.jpg", "z.jpg"),
             2,
             first_batch_no=5,
@@ -76,5 +75,19 @@ def test_short_last_batch_and_resume_totals() -> None:
 
 
 def test_empty_listing_has_only_a_tail() -> None:
-    out = list(batches([], 4, last_key="s3://b/k"))
+    out = list(batch_uris([], 4, last_key="s3://b/k"))
     assert len(out) == 1 and out[0].batch_no == 0 and out[0].last_key == "s3://b/k"
+
+
+def test_tail_totals_and_position() -> None:
+    tail = last_batch(_objs("a.jpg", "b.txt", "c.png", "d/"), 2)
+    assert (tail.batch_no, tail.listed, tail.images) == (1, 4, 2)
+    assert tail.position() == {
+        "batches_sent": 1,
+        "listed": 4,
+        "last_key": "s3://b/d/",
+        "images_total": 2,
+        "skip:not_image_name": 2,
+    }
+    first = next(batch_uris(_objs("a.jpg", "b.jpg"), 2))
+    assert first.position()["batches_sent"] == 1
