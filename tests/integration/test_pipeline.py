@@ -394,3 +394,24 @@ def _batch_of(raw: str) -> int | None:
     message = json.loads(raw)
     _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
     return int(kwargs["batch_no"])
+
+
+def test_unreachable_or_refusing_s3_is_exit_3(pipeline: Pipeline) -> None:
+    import subprocess
+    import sys
+
+    p = pipeline
+    cases = {
+        "refused credentials": {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+        "unreachable": {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:1"},
+    }
+    for what, env in cases.items():
+        res = subprocess.run(
+            [sys.executable, "-m", "producer", "enqueue", f"s3://{p.bucket}/in/",
+             "--output", f"s3://{p.bucket}/out/"],
+            env={**p.env, **env}, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert res.returncode == 3, (what, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, (what, res.stderr)
+        assert "Traceback" not in res.stderr
+        assert "not-the-secret" not in res.stderr
