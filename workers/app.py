@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 settings = Settings()
 app = make_celery(settings)
+app.conf.worker_consumer = "workers.consumer:Consumer"
 
 _services: Services | None = None
 _services_pid: int | None = None

@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from labelmill.queue import pending_batches
-from tests.faults.helpers import check_job, log_text, put_many, tiny_photos, wait_in_flight
+from tests.faults.helpers import (
+    check_job,
+    frozen,
+    in_flight,
+    log_text,
+    put_many,
+    tiny_photos,
+    wait_in_flight,
+)
 from tests.fixtures.model_server import SERVING, health_status, serving_env, start_model_server
 from tests.fixtures.procs import Proc, wait_until
 from tests.fixtures.servers import RedisServer, S3Server
@@ -24,6 +32,7 @@ from tests.fixtures.stack import Pipeline
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 MakePipeline = Callable[..., Pipeline]
+SHORT_VISIBILITY = {"LABELMILL_VISIBILITY_TIMEOUT_S": "15", "LABELMILL_RESTORE_INTERVAL_S": "1"}
 
 
 def _hold_down(p: Pipeline, job_id: str, seconds: float) -> None:
@@ -92,7 +101,12 @@ def _private_redis_pipeline(
     s3_bucket: str,
 ) -> tuple[RedisServer, Pipeline]:
     redis = redis_server_factory()
-    return redis, pipeline_factory(redis_url=redis.url, s3=s3_server, bucket=s3_bucket)
+    # A message a worker had received but not yet started when Redis went
+    # down stays unacknowledged until the visibility timeout (the Guarantees
+    # section): short here, so such a job finishes within the test.
+    return redis, pipeline_factory(
+        redis_url=redis.url, s3=s3_server, bucket=s3_bucket, env=SHORT_VISIBILITY
+    )
 
 
 def _job_in_flight(p: Pipeline) -> tuple[list[str], str, str]:
@@ -105,15 +119,8 @@ def _job_in_flight(p: Pipeline) -> tuple[list[str], str, str]:
     return inputs, out, job_id
 
 
-def test_redis_killed_and_restarted_with_aof(
-    pipeline_factory: MakePipeline,
-    redis_server_factory: Callable[..., RedisServer],
-    s3_server: S3Server,
-    s3_bucket: str,
-) -> None:
-    redis, p = _private_redis_pipeline(pipeline_factory, redis_server_factory, s3_server, s3_bucket)
-    inputs, out, job_id = _job_in_flight(p)
-    redis.restart(keep_data=True, kill=True)  # SIGKILL, then start on the same AOF
+def _finish_or_retry(p: Pipeline, job_id: str) -> None:
+    """Wait for the job; if it stalls on a message lost with Redis, `producer retry` it."""
     ledger = p.ledger
 
     def finished_or_stalled() -> str | None:
@@ -133,7 +140,93 @@ def test_redis_killed_and_restarted_with_aof(
         res = json.loads(p.producer("retry", job_id, "--json").stdout)
         assert res["missing_batches_resent"], "stalled, yet retry found nothing to re-send"
     p.wait_done(job_id, timeout=180)
+
+
+def test_redis_killed_and_restarted_with_aof(
+    pipeline_factory: MakePipeline,
+    redis_server_factory: Callable[..., RedisServer],
+    s3_server: S3Server,
+    s3_bucket: str,
+) -> None:
+    redis, p = _private_redis_pipeline(pipeline_factory, redis_server_factory, s3_server, s3_bucket)
+    inputs, out, job_id = _job_in_flight(p)
+    redis.restart(keep_data=True, kill=True)  # SIGKILL, then start on the same AOF
+    _finish_or_retry(p, job_id)
     check_job(p, job_id, inputs, out)
+
+
+def test_redis_dies_under_an_idle_consumer_the_worker_stays_up(
+    pipeline_factory: MakePipeline,
+    redis_server_factory: Callable[..., RedisServer],
+    s3_server: S3Server,
+    s3_bucket: str,
+    tiny_model_base: Path,
+    tmp_path: Path,
+) -> None:
+    """Redis goes away while the consumer waits in BRPOP with a message unacknowledged.
+
+    The worker must reconnect, not exit. The failure this pins down needs
+    an order of events that a plain kill only hits by chance: the control
+    channel's (PUBSUB) socket fails first, while Redis is still down, and
+    the consumer then closes a connection whose unacknowledged message it
+    cannot requeue. Celery 5.7.0 exits there with "Unrecoverable error".
+    The worker's main process is frozen while both sockets are cut, so its
+    event loop sees them in that order.
+    """
+    model = start_model_server(tiny_model_base, tmp_path / "model-1.log")
+    redis = redis_server_factory()
+    p = pipeline_factory(
+        redis_url=redis.url,
+        s3=s3_server,
+        bucket=s3_bucket,
+        model_target=model.target,
+        env={"LABELMILL_RETRY_BUDGET_S": "300"},
+    )
+    try:
+        inputs = put_many(p, tiny_photos("in/", 8))
+        out = f"s3://{p.bucket}/out/"
+        job_id = p.enqueue(f"s3://{p.bucket}/in/", out, "--batch-size", "8")["job_id"]
+        model.proc.kill()  # the one batch waits for the model server, unacknowledged
+        model.proc.stop()
+        worker = p.start_worker(concurrency=2)
+        r = redis.client()
+
+        def consumer_waiting() -> bool:
+            running = bool(in_flight(p.ledger, job_id))  # in a pool process, not just received
+            waiting = any(c["cmd"] == "brpop" for c in r.client_list())
+            return running and waiting and r.hlen("unacked") == 1
+
+        wait_until(consumer_waiting, timeout=60, what="one batch running and the consumer in BRPOP")
+        with frozen([worker.pid]):
+            r.client_kill_filter(_type="pubsub")
+            redis.stop()  # a clean stop: the unacked record is on disk
+        wait_until(
+            lambda: "Connection to broker lost" in log_text(worker) or not worker.alive(),
+            timeout=30,
+            what="the worker to notice",
+        )
+        redis.start()  # same port, same AOF
+        # The batch cannot finish before the model server is back: its message
+        # is still recorded as delivered and unacknowledged.
+        assert redis.client().hlen("unacked") == 1
+        model.proc = Proc(model.proc.args, log=tmp_path / "model-2.log", env=serving_env())
+        _finish_or_retry(p, job_id)
+        assert worker.alive(), worker.log_tail(60)
+        # The running batch's late ack went through the old channel to the
+        # restarted Redis (no redelivery after the visibility timeout needed).
+        r = redis.client()
+        wait_until(lambda: r.hlen("unacked") == 0, timeout=30, what="the late ack")
+        check_job(p, job_id, inputs, out)
+        # And the reconnected consumer takes new work.
+        more = put_many(p, tiny_photos("more/", 8))
+        out2 = f"s3://{p.bucket}/out2/"
+        job2 = p.enqueue(f"s3://{p.bucket}/more/", out2, "--batch-size", "8")["job_id"]
+        p.wait_done(job2, timeout=60)
+        check_job(p, job2, more, out2)
+        assert "Unrecoverable error" not in log_text(worker)
+    finally:
+        p.stop_workers()
+        model.proc.stop()
 
 
 def test_redis_lost_everything_reconcile_recovers(
