@@ -63,6 +63,16 @@ def test_listing_crosses_pages_and_resumes(s3_bucket: str) -> None:
         s.list(f"s3://{s3_bucket}/many/", start_after="s3://elsewhere/many/00001.jpg")
 
 
+def test_client_leaves_timestamps_unparsed(s3_bucket: str) -> None:
+    """The listing's LastModified stays S3's text: parsing it is most of a page's CPU."""
+    s = storage()
+    s.put(f"s3://{s3_bucket}/ts/a.jpg", b"x", content_type="image/jpeg")
+    page = s.s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="ts/")
+    (item,) = page["Contents"]
+    assert isinstance(item["LastModified"], str) and item["LastModified"].endswith("Z")
+    assert [o.uri for o in s.list(f"s3://{s3_bucket}/ts/")] == [f"s3://{s3_bucket}/ts/a.jpg"]
+
+
 def test_get_too_large_does_not_read_the_body(s3_bucket: str) -> None:
     s = storage()
     s.put(f"s3://{s3_bucket}/big.jpg", b"x" * 3_000_000)
