@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,13 @@ from tests.faults.helpers import (
     tiny_photos,
     wait_in_flight,
 )
-from tests.fixtures.model_server import SERVING, health_status, serving_env, start_model_server
+from tests.fixtures.model_server import (
+    SERVING,
+    ModelServer,
+    health_status,
+    serving_env,
+    start_model_server,
+)
 from tests.fixtures.procs import Proc, wait_until
 from tests.fixtures.servers import RedisServer, S3Server
 from tests.fixtures.stack import Pipeline
@@ -48,6 +55,21 @@ def _hold_down(p: Pipeline, job_id: str, seconds: float) -> None:
         time.sleep(0.5)
 
 
+def _own_model_server_pipeline(
+    pipeline_factory: MakePipeline, model_base: Path, tmp_path: Path, **kwargs: Any
+) -> tuple[ModelServer, Pipeline]:
+    """A pipeline on a model server of its own, for a test to kill and restart."""
+    model = start_model_server(model_base, tmp_path / "model-1.log")
+    # An outage, then the server's own start-up, must fit in the retry budget.
+    env = {"LABELMILL_RETRY_BUDGET_S": "300"}
+    return model, pipeline_factory(model_target=model.target, env=env, **kwargs)
+
+
+def _restart(model: ModelServer, tmp_path: Path) -> None:
+    """Same port, same model: what a restarted TF Serving pod looks like."""
+    model.proc = Proc(model.proc.args, log=tmp_path / "model-2.log", env=serving_env())
+
+
 def test_model_server_down_for_20s(
     pipeline_factory: MakePipeline,
     redis_url: str,
@@ -56,14 +78,13 @@ def test_model_server_down_for_20s(
     tiny_model_base: Path,
     tmp_path: Path,
 ) -> None:
-    model = start_model_server(tiny_model_base, tmp_path / "model-1.log")
-    p = pipeline_factory(
+    model, p = _own_model_server_pipeline(
+        pipeline_factory,
+        tiny_model_base,
+        tmp_path,
         redis_url=redis_url,
         s3=s3_server,
         bucket=s3_bucket,
-        model_target=model.target,
-        # The outage (20 s, then the server's own start-up) must fit the budget.
-        env={"LABELMILL_RETRY_BUDGET_S": "300"},
     )
     try:
         inputs = put_many(p, tiny_photos("in/", 320))
@@ -77,8 +98,7 @@ def test_model_server_down_for_20s(
         _hold_down(p, job_id, 20)
         counts = p.ledger.counts(job_id)
         assert counts.state == "running" and counts.batches_done < (counts.batches_total or 0)
-        # Same port, same model: what a restarted TF Serving pod looks like.
-        model.proc = Proc(model.proc.args, log=tmp_path / "model-2.log", env=serving_env())
+        _restart(model, tmp_path)
         model.proc.wait_ready(
             lambda: health_status(model.target) == SERVING, timeout=180, what="model server"
         )
@@ -173,14 +193,14 @@ def test_redis_dies_under_an_idle_consumer_the_worker_stays_up(
     The worker's main process is frozen while both sockets are cut, so its
     event loop sees them in that order.
     """
-    model = start_model_server(tiny_model_base, tmp_path / "model-1.log")
     redis = redis_server_factory()
-    p = pipeline_factory(
+    model, p = _own_model_server_pipeline(
+        pipeline_factory,
+        tiny_model_base,
+        tmp_path,
         redis_url=redis.url,
         s3=s3_server,
         bucket=s3_bucket,
-        model_target=model.target,
-        env={"LABELMILL_RETRY_BUDGET_S": "300"},
     )
     try:
         inputs = put_many(p, tiny_photos("in/", 8))
@@ -209,7 +229,7 @@ def test_redis_dies_under_an_idle_consumer_the_worker_stays_up(
         # The batch cannot finish before the model server is back: its message
         # is still recorded as delivered and unacknowledged.
         assert redis.client().hlen("unacked") == 1
-        model.proc = Proc(model.proc.args, log=tmp_path / "model-2.log", env=serving_env())
+        _restart(model, tmp_path)
         _finish_or_retry(p, job_id)
         assert worker.alive(), worker.log_tail(60)
         # The running batch's late ack went through the old channel to the
