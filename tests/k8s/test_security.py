@@ -12,20 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.procs import need_binary
 from tests.k8s.conftest import ROOT
 
 
 def _tool(name: str, *candidates: Path) -> str:
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return str(c)
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} not installed (see docs/kubernetes.md: checking the manifests)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    installed = [str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)]
+    return need_binary(installed[0] if installed else shutil.which(name), name)
 
 
 def checkov() -> str:
