@@ -8,6 +8,8 @@ Keys (prefix ``p``, default ``labelmill``)::
     p:job:<id>:dead         set of batch numbers declared dead
     p:job:<id>:attempts     hash  batch number -> deliveries
     p:outstanding           zset  "<job>:<batch>" -> enqueue time (KEDA reads ZCARD)
+    p:waiting               zset  producer token -> lease expiry (ms); KEDA wakes
+                                  the model tier on it (ZCARD), see hold_waiting
 
 Every counter update that could race goes through a Lua script, so a
 redelivered batch never double-counts and exactly one caller learns that a
@@ -26,7 +28,7 @@ from typing import Any, cast
 import redis
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
-from labelmill.ledger_scripts import COMPLETE, FINISH_ENQUEUE, REOPEN_DEAD
+from labelmill.ledger_scripts import COMPLETE, FINISH_ENQUEUE, HOLD_WAITING, REOPEN_DEAD
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ class Ledger:
         self._complete = self.r.register_script(COMPLETE)
         self._finish_enqueue = self.r.register_script(FINISH_ENQUEUE)
         self._reopen_dead = self.r.register_script(REOPEN_DEAD)
+        self._hold_waiting = self.r.register_script(HOLD_WAITING)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "labelmill", ttl_s: int = 604800) -> Ledger:
@@ -143,6 +146,10 @@ class Ledger:
     @property
     def outstanding_key(self) -> str:
         return f"{self.p}:outstanding"
+
+    @property
+    def waiting_key(self) -> str:
+        return f"{self.p}:waiting"
 
     @property
     def jobs_key(self) -> str:
@@ -200,6 +207,30 @@ class Ledger:
         now = time.time()
         try:
             self.r.zadd(self.outstanding_key, {self.member(job_id, b): now for b in batch_nos})
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def hold_waiting(self, token: str, lease_s: float) -> int:
+        """Count one producer as waiting for a model version, for ``lease_s`` more.
+
+        The model tier's ScaledObject has a trigger on this set, so a producer
+        that waits wakes a tier at zero replicas. Renew well inside the lease;
+        an entry not renewed lapses (see ``HOLD_WAITING``). Returns how many
+        producers wait now.
+        """
+        now_ms = int(time.time() * 1000)
+        try:
+            n = self._hold_waiting(
+                keys=[self.waiting_key], args=[now_ms, max(1, int(lease_s * 1000)), token]
+            )
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        return int(n)
+
+    def release_waiting(self, token: str) -> None:
+        """Stop counting a producer as waiting."""
+        try:
+            self.r.zrem(self.waiting_key, token)
         except redis.RedisError as exc:
             raise _wrap(exc) from None
 

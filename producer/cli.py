@@ -77,11 +77,17 @@ class Env:
         # Imported here: grpc and numpy take a tenth of a second, and a job
         # with a pinned version (or resumed) never talks to the model server.
         from labelmill.model_client import ModelClient
+        from producer import waiting
 
-        with ModelClient(
-            s.model_server, s.model_name, timeout_s=10.0, retry_budget_s=10.0
-        ) as client:
-            return client.newest_available_version()
+        # No retries inside a call: the wait below polls, and registers the
+        # producer as waiting so that a model tier at zero scales up.
+        with ModelClient(s.model_server, s.model_name, timeout_s=10.0, retry_budget_s=0.0) as c:
+            return waiting.newest_version(c, self.ledger, wait_s=s.model_wait_s, say=_note)
+
+
+def _note(message: str) -> None:
+    """A progress line on stderr, kept apart from --json output on stdout."""
+    err.print(f"producer: {message}", markup=False, highlight=False)
 
 
 def env(ctx: typer.Context) -> Env:
@@ -141,6 +147,15 @@ def enqueue(
     model_version: Annotated[
         int | None, typer.Option(min=1, envvar="LABELMILL_MODEL_VERSION")
     ] = None,
+    model_wait: Annotated[
+        float | None,
+        typer.Option(
+            "--model-wait",
+            min=0.001,
+            help="Seconds to wait for the model tier to serve a version "
+            "[default: LABELMILL_MODEL_WAIT_S or 900].",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="List and count; enqueue nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -153,6 +168,7 @@ def enqueue(
                 "batch_size": batch_size,
                 "max_outstanding": max_outstanding,
                 "model_version": model_version,
+                "model_wait_s": model_wait,
             }.items()
             if v is not None
         }

@@ -81,11 +81,26 @@ def export(
     typer.echo(str(path))
 
 
-@app.command()
+def _tf_serving_flags() -> str:
+    from serving.tfs import flags_help
+
+    # "\b" keeps click from re-wrapping the list into one paragraph.
+    return "\b\n" + flags_help()
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=_tf_serving_flags(),
+)
 def local(
+    ctx: typer.Context,
     model_base_path: Annotated[
-        Path, typer.Option("--model-base-path", help="Folder of integer version folders.")
-    ],
+        Path | None,
+        typer.Option(
+            "--model-base-path",
+            help="Folder of integer version folders (or give TF Serving's flags instead).",
+        ),
+    ] = None,
     model_name: Annotated[str, typer.Option(help="Model name clients ask for.")] = "inception",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="gRPC port.")] = 8500,
@@ -100,20 +115,39 @@ def local(
         float, typer.Option(min=0.05, help="Seconds between scans for new versions.")
     ] = 2.0,
 ) -> None:
-    """Serve the two newest versions over TF Serving's gRPC API until SIGTERM."""
+    """Serve a model over TF Serving's gRPC API until SIGTERM.
+
+    With --model-base-path: the two newest versions, listening at once and
+    NOT_SERVING until one loads. Or with tensorflow_model_server's own flags
+    (--model_config_file=..., --enable_batching, --batching_parameters_file=...,
+    --rest_api_port=..., --enable_grpc_healthcheck_service, ...; see
+    docs/serving.md): TF Serving's meaning, its checks and its start-up order.
+    """
     _quiet_tensorflow()
     _configure_logging()
     from serving.local import LocalConfig, serve
+    from serving.tfs import parse_command_line
 
-    config = LocalConfig(
-        model_base_path=model_base_path,
-        model_name=model_name,
-        host=host,
-        port=port,
-        max_queue=max_queue,
-        bf16=bf16,
-        poll_s=poll_s,
-    )
+    tf_args = list(ctx.args)
+    if tf_args or model_base_path is None:
+        if model_base_path is not None:
+            raise UsageError(
+                "give either --model-base-path or TF Serving's --model_config_file / "
+                "--model_base_path flags, not both"
+            )
+        # --port is both ours and TF Serving's, with the same meaning.
+        tfs = parse_command_line([*tf_args, f"--port={port}"])
+        config = LocalConfig.from_tfs(tfs, host=host, max_queue=max_queue, bf16=bf16)
+    else:
+        config = LocalConfig(
+            model_base_path=model_base_path,
+            model_name=model_name,
+            host=host,
+            port=port,
+            max_queue=max_queue,
+            bf16=bf16,
+            poll_s=poll_s,
+        )
     raise typer.Exit(serve(config))
 
 

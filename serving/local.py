@@ -5,15 +5,26 @@ Speaks PredictionService (Predict, GetModelMetadata), ModelService
 can tell: the same status codes, the same ``model_spec`` in responses, the
 two newest versions served, and the overall health service ``""`` SERVING
 only once a version is AVAILABLE.
+
+Given TF Serving's own command line (``serving.tfs``), it also behaves as
+``tensorflow_model_server`` does at start-up: the configured model is loaded
+before the gRPC port opens (a load that fails ends the process with TF
+Serving's message), the health service exists only with
+``--enable_grpc_healthcheck_service``, ``--enable_batching`` applies the
+batching queue's limits to each request, and ``--rest_api_port`` serves
+model status and, with a monitoring config, Prometheus metrics.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -33,6 +44,7 @@ from tensorflow_serving.apis import (
 
 from labelmill.errors import ServiceError
 from serving.registry import LoadedVersion, Registry
+from serving.tfs import Batching, TfsOptions
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +62,24 @@ class LocalConfig:
     port: int = 8500
     max_queue: int = 64
     bf16: bool = False
-    poll_s: float = 2.0
+    poll_s: float | None = 2.0  # None: scan once at start-up
+    choose: Callable[[list[int]], list[int]] | None = None  # None: the two newest
+    tfs: TfsOptions | None = None  # set when started with TF Serving's command line
+
+    @classmethod
+    def from_tfs(cls, tfs: TfsOptions, *, host: str, max_queue: int, bf16: bool) -> LocalConfig:
+        (model,) = tfs.models
+        return cls(
+            model_base_path=model.base_path,
+            model_name=model.name,
+            host=host,
+            port=tfs.port,
+            max_queue=max_queue,
+            bf16=bf16 or tfs.mixed_precision == "bfloat16",
+            poll_s=tfs.poll_s,
+            choose=model.choose,
+            tfs=tfs,
+        )
 
 
 class RpcAbort(Exception):
@@ -113,11 +142,19 @@ class Service(
 ):
     """PredictionService and ModelService over a :class:`Registry`."""
 
-    def __init__(self, registry: Registry, max_queue: int) -> None:
+    def __init__(
+        self, registry: Registry, max_queue: int, batching: Batching | None = None
+    ) -> None:
         self.registry = registry
         self.max_queue = max_queue
+        self.batching = batching
         self._in_flight = 0
+        self._queued_images = 0
         self._lock = threading.Lock()
+        self._batch_threads = threading.BoundedSemaphore(
+            batching.num_batch_threads if batching else max(1, max_queue)
+        )
+        self.requests = {"OK": 0, "ERROR": 0}
 
     # -- helpers ----------------------------------------------------------
 
@@ -154,19 +191,60 @@ class Service(
 
     # -- PredictionService --------------------------------------------------
 
+    def _enqueue(self, size: int) -> None:
+        """The batching queue's admission (``--enable_batching``).
+
+        tensorflow/core/kernels/batching_util/shared_batch_scheduler.h
+        Queue::ValidateBatchTaskQueueCapacity: a request above max_batch_size
+        is INVALID_ARGUMENT; one that does not fit the queue's remaining
+        capacity (max_enqueued_batches execution batches) is UNAVAILABLE.
+        Requests are not merged here; each runs as its own batch on one of
+        num_batch_threads.
+        """
+        batching = self.batching
+        if batching is None:
+            return
+        if size > batching.max_batch_size:
+            raise RpcAbort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Task size {size} is larger than maximum input batch size "
+                f"{batching.max_batch_size}",
+            )
+        with self._lock:
+            if self._queued_images + size > batching.capacity:
+                raise RpcAbort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "The batch scheduling queue to which this task was submitted is full",
+                )
+            self._queued_images += size
+
+    def _dequeue(self, size: int) -> None:
+        if self.batching is not None:
+            with self._lock:
+                self._queued_images -= size
+
     def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             self._admit()
         except RpcAbort as exc:
+            self._count("ERROR")
             context.abort(exc.code, exc.message)
         try:
-            return self._predict(request)
+            response = self._predict(request)
         except RpcAbort as exc:
+            self._count("ERROR")
             context.abort(exc.code, exc.message)
         except tf.errors.InvalidArgumentError as exc:
+            self._count("ERROR")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         finally:
             self._release()
+        self._count("OK")
+        return response
+
+    def _count(self, status: str) -> None:
+        with self._lock:
+            self.requests[status] += 1
 
     def _predict(self, request: Any) -> Any:
         loaded = self._resolve(request.model_spec)
@@ -179,7 +257,13 @@ class Service(
                 f"have {sorted(loaded.signature_defs)}",
             )
         arrays = validate_inputs(sigdef, dict(request.inputs), name)
-        outputs = loaded.signature(name)(**{k: tf.constant(v) for k, v in arrays.items()})
+        size = min((a.shape[0] for a in arrays.values() if a.ndim), default=1)
+        self._enqueue(size)
+        try:
+            with self._batch_threads:
+                outputs = loaded.signature(name)(**{k: tf.constant(v) for k, v in arrays.items()})
+        finally:
+            self._dequeue(size)
         wanted = list(request.output_filter) or sorted(outputs)
         unknown = sorted(set(wanted) - set(outputs))
         if unknown:
@@ -249,34 +333,147 @@ def enable_bf16() -> None:
     tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
 
 
-def build_server(config: LocalConfig, service: Service, health_servicer: Any) -> grpc.Server:
+def build_server(config: LocalConfig, service: Service, health_servicer: Any | None) -> grpc.Server:
     """A gRPC server with our services; large messages allowed, like TF Serving's."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(8, config.max_queue + 4)),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    tfs = config.tfs
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
+    threads = max(8, config.max_queue + 4)
+    if tfs is not None:
+        # server.cc BuildAndStart: each --grpc_channel_arguments entry is added
+        # to the server builder; --grpc_max_threads caps its threads.
+        options += tfs.channel_arguments
+        threads = tfs.grpc_max_threads
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=options)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(service, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if health_servicer is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
     if server.add_insecure_port(address) == 0:
         raise ServiceError(f"cannot listen on {address} (in use?)")
     return server
 
 
+class _Rest(BaseHTTPRequestHandler):
+    """TF Serving's REST model status (GET /v1/models/NAME) and Prometheus page."""
+
+    service: Service
+    prometheus_path: str | None
+
+    def do_GET(self) -> None:
+        registry = self.service.registry
+        path = self.path.split("?", 1)[0]
+        if self.prometheus_path and path == self.prometheus_path:
+            lines = ["# TYPE :tensorflow:serving:request_count counter"]
+            for status, count in sorted(self.service.requests.items()):
+                lines.append(
+                    f':tensorflow:serving:request_count{{model_name="{registry.name}",'
+                    f'status="{status}"}} {count}'
+                )
+            self._send(200, "\n".join(lines) + "\n", "text/plain; version=0.0.4")
+            return
+        if path.rstrip("/") == f"/v1/models/{registry.name}":
+            versions = registry.snapshot()
+            body = {
+                "model_version_status": [
+                    {
+                        "version": str(v),
+                        "state": versions[v].state,
+                        "status": {"error_code": "OK", "error_message": versions[v].error},
+                    }
+                    for v in sorted(versions, reverse=True)
+                ]
+            }
+            self._send(200, json.dumps(body), "application/json")
+            return
+        self._send(404, json.dumps({"error": f"Malformed request: GET {path}"}), "application/json")
+
+    def _send(self, code: int, body: str, content_type: str) -> None:
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+def start_rest(config: LocalConfig, service: Service) -> ThreadingHTTPServer | None:
+    """server.cc BuildAndStart: the HTTP server starts after the gRPC one, if a port is set."""
+    tfs = config.tfs
+    if tfs is None or not tfs.rest_api_port:
+        return None
+    handler = type("Rest", (_Rest,), {"service": service, "prometheus_path": tfs.prometheus_path})
+    try:
+        httpd = ThreadingHTTPServer((config.host, tfs.rest_api_port), handler)
+    except OSError as exc:
+        # TF Serving logs "Failed to start HTTP Server" and keeps serving gRPC.
+        log.error("Failed to start HTTP Server at %s:%d: %s", config.host, tfs.rest_api_port, exc)
+        return None
+    threading.Thread(target=httpd.serve_forever, name="rest", daemon=True).start()
+    log.info("Exporting HTTP/REST API at:%s:%d ...", config.host, tfs.rest_api_port)
+    return httpd
+
+
+def load_before_listening(registry: Registry, poll_s: float | None, stop: threading.Event) -> None:
+    """Wait, as TF Serving's start-up does, until the model's newest version is AVAILABLE.
+
+    server_core.cc ServerCore::WaitUntilModelsAvailable: the server blocks on
+    Latest(model) reaching AVAILABLE (or END, a failed load), with no
+    timeout; with no version on disk it keeps waiting. Only then does
+    Server::BuildAndStart open the gRPC port.
+    """
+    told = False
+    while not stop.is_set():
+        registry.sync()
+        versions = registry.snapshot()
+        if versions:
+            newest = versions[max(versions)]
+            if newest.state == "AVAILABLE":
+                return
+            if newest.state == "END":
+                raise ServiceError(
+                    "Failed to start server. Error: 1 model(s) did not become available: "
+                    f"{{{{name: {registry.name} version: {newest.version}}} due to error: "
+                    f"{newest.error}}}"
+                )
+        elif not told:
+            log.warning(
+                "No versions of servable %s found under base path %s", registry.name, registry.base
+            )
+            told = True
+        stop.wait(poll_s or 1.0)
+
+
 def serve(config: LocalConfig) -> int:
     """Run until SIGTERM/SIGINT; return the process exit code."""
+    tfs = config.tfs
+    if tfs is not None and (tfs.intra_op_threads or tfs.inter_op_threads):
+        # server.cc BuildAndStart: the session config's intra/inter-op pools.
+        tf.config.threading.set_intra_op_parallelism_threads(tfs.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(tfs.inter_op_threads)
+    if tfs is not None and tfs.mixed_precision not in ("", "bfloat16"):
+        # saved_model_bundle_factory.cc InternalCreateSavedModelBundle: a warning, no more.
+        log.warning(
+            "%s auto mixed precision is not supported. Valid option: bfloat16", tfs.mixed_precision
+        )
     if config.bf16:
         enable_bf16()
-    registry = Registry(config.model_name, config.model_base_path)
-    service = Service(registry, config.max_queue)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    server = build_server(config, service, health_servicer)
+    registry = Registry(
+        config.model_name,
+        config.model_base_path,
+        config.choose,
+        load_retries=tfs.load_retries if tfs else 0,
+        retry_interval_s=tfs.load_retry_interval_s if tfs else 0.0,
+        load_error=tfs.load_error if tfs else None,
+    )
+    service = Service(registry, config.max_queue, tfs.batching if tfs else None)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -284,6 +481,12 @@ def serve(config: LocalConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if tfs is not None:
+        return _serve_as_tf_serving(config, registry, service, stop)
+
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = build_server(config, service, health_servicer)
     server.start()
     log.info(
         "listening on %s:%d for model %s from %s (NOT_SERVING until a version loads; "
@@ -296,7 +499,7 @@ def serve(config: LocalConfig) -> int:
         ", bf16" if config.bf16 else "",
     )
     registry.sync()
-    if not stop.is_set():
+    if not stop.is_set() and config.poll_s is not None:
         registry.start_polling(config.poll_s)
 
     def watch_health() -> None:
@@ -309,7 +512,7 @@ def serve(config: LocalConfig) -> int:
                 if ready
                 else health_pb2.HealthCheckResponse.NOT_SERVING,
             )
-            stop.wait(0.2 if not ready else config.poll_s)
+            stop.wait(0.2 if not ready else (config.poll_s or 2.0))
 
     watcher = threading.Thread(target=watch_health, name="health", daemon=True)
     watcher.start()
@@ -317,6 +520,48 @@ def serve(config: LocalConfig) -> int:
     log.info("stopping: finishing requests in flight (grace %.0fs)", GRACE_S)
     health_servicer.enter_graceful_shutdown()
     server.stop(GRACE_S).wait()
+    registry.stop()
+    log.info("stopped")
+    return 0
+
+
+def _serve_as_tf_serving(
+    config: LocalConfig, registry: Registry, service: Service, stop: threading.Event
+) -> int:
+    tfs = config.tfs
+    assert tfs is not None
+    log.info(
+        "loading model %s from %s (version policy: %s) before listening",
+        config.model_name,
+        config.model_base_path,
+        tfs.models[0].policy,
+    )
+    load_before_listening(registry, config.poll_s, stop)
+    if stop.is_set():
+        return 0
+    health_servicer = None
+    if tfs.health_service:
+        # server.cc BuildAndStart: grpc's default health service ("" SERVING
+        # once the server runs) plus ModelService and PredictionService.
+        health_servicer = health.HealthServicer(experimental_non_blocking=True)
+        for name in ("", "ModelService", "PredictionService"):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server = build_server(config, service, health_servicer)
+    server.start()
+    log.info("Running gRPC ModelServer at %s:%d ...", config.host, config.port)
+    httpd = start_rest(config, service)
+    if config.poll_s is not None:
+        registry.start_polling(config.poll_s)
+    for arg in tfs.unknown:
+        # main.cc: reported, then the server runs anyway.
+        log.warning("unknown argument: %s", arg)
+    stop.wait()
+    log.info("stopping: finishing requests in flight (grace %.0fs)", GRACE_S)
+    if health_servicer is not None:
+        health_servicer.enter_graceful_shutdown()
+    server.stop(GRACE_S).wait()
+    if httpd is not None:
+        httpd.shutdown()
     registry.stop()
     log.info("stopped")
     return 0

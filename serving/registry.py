@@ -1,14 +1,15 @@
 """The loaded versions of one model, kept in step with its base folder.
 
-Like TF Serving with ``model_version_policy { latest { num_versions: 2 } }``:
-the two highest integer version folders are loaded, a poller loads new ones
-without a restart and unloads those that fall out of the newest two.
+Like TF Serving's file system source: a version policy (by default
+``latest { num_versions: 2 }``) picks integer version folders to load, a
+poller loads new ones without a restart and unloads those the policy drops.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class LoadedVersion:
     loaded: Any = None  # the object tf.saved_model.load returns
     signature_defs: dict[str, meta_graph_pb2.SignatureDef] = field(default_factory=dict)
     state: str = "LOADING"
+    error: str = ""
 
     def signature(self, name: str) -> Any:
         return self.loaded.signatures[name]
@@ -73,13 +75,30 @@ def replay_warmup(loaded: LoadedVersion) -> int:
     return count
 
 
+def latest(count: int) -> Callable[[list[int]], list[int]]:
+    """The version policy ``latest { num_versions: count }``."""
+    return lambda versions: versions[-count:]
+
+
 class Registry:
     """Thread-safe map of version -> LoadedVersion for one model."""
 
-    def __init__(self, name: str, base: Path, keep: int = KEEP_VERSIONS) -> None:
+    def __init__(
+        self,
+        name: str,
+        base: Path,
+        choose: Callable[[list[int]], list[int]] | None = None,
+        *,
+        load_retries: int = 0,
+        retry_interval_s: float = 0.0,
+        load_error: str | None = None,
+    ) -> None:
         self.name = name
         self.base = base
-        self.keep = keep
+        self.choose = choose or latest(KEEP_VERSIONS)
+        self.load_retries = load_retries
+        self.retry_interval_s = retry_interval_s
+        self.load_error = load_error
         self._versions: dict[int, LoadedVersion] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -98,37 +117,75 @@ class Registry:
         return ready.get(version)
 
     def sync(self) -> bool:
-        """Load the newest ``keep`` versions and unload the rest; True if anything changed."""
-        wanted = version_folders(self.base)[-self.keep :]
+        """Load the versions the policy picks and unload the rest; True if anything changed.
+
+        In the order of TF Serving's default version transitions,
+        core/availability_preserving_policy.cc
+        AvailabilityPreservingPolicy::GetNextAction, one action at a time: a
+        version no longer wanted is unloaded only while a wanted one is
+        AVAILABLE (or nothing is wanted, or more than one unwanted version
+        serves), lowest first; otherwise the highest new wanted version loads
+        first. So a model never goes unavailable between two versions.
+        """
+        wanted = set(self.choose(version_folders(self.base)))
         changed = False
-        for version in sorted(set(self.snapshot()) - set(wanted)):
-            with self._lock:
-                self._versions.pop(version, None)
-            log.info("model %s version %d unloaded", self.name, version)
-            changed = True
-        for version in wanted:
-            if version in self.snapshot():
+        while True:
+            now = self.snapshot()
+            unwanted = sorted(v for v in now if v not in wanted)
+            for version in unwanted:
+                if now[version].state != "AVAILABLE":  # failed loads just go
+                    self._unload(version)
+                    changed = True
+            serving_unwanted = [v for v in unwanted if now[v].state == "AVAILABLE"]
+            wanted_serving = any(now[v].state == "AVAILABLE" for v in wanted if v in now)
+            if serving_unwanted and (not wanted or wanted_serving or len(serving_unwanted) > 1):
+                self._unload(serving_unwanted[0])
+                changed = True
                 continue
-            self._load(version)
+            new = sorted(v for v in wanted if v not in now)
+            if not new:
+                return changed
+            self._load(new[-1])
             changed = True
-        return changed
+
+    def _unload(self, version: int) -> None:
+        with self._lock:
+            self._versions.pop(version, None)
+        log.info("model %s version %d unloaded", self.name, version)
 
     def _load(self, version: int) -> None:
         path = self.base / str(version)
         entry = LoadedVersion(version, path)
         with self._lock:
             self._versions[version] = entry
-        try:
-            entry.signature_defs = read_signature_defs(path)
-            entry.loaded = tf.saved_model.load(str(path))
-            warmed = replay_warmup(entry)
-        except Exception as exc:  # a broken export must not take the server down
-            with self._lock:
-                entry.state = "END"
-            log.error(
-                "model %s version %d failed to load from %s: %s", self.name, version, path, exc
-            )
-            return
+        # core/loader_harness.cc LoaderHarness::Load through util/retrier.cc
+        # Retry: a failed load is tried max_num_load_retries more times,
+        # load_retry_interval_micros apart, then the version ends.
+        attempt = 0
+        while True:
+            try:
+                if self.load_error is not None:
+                    raise ValueError(self.load_error)
+                entry.signature_defs = read_signature_defs(path)
+                entry.loaded = tf.saved_model.load(str(path))
+                warmed = replay_warmup(entry)
+                break
+            except Exception as exc:  # a broken export must not take the server down
+                log.error(
+                    "Loading servable: {name: %s version: %d} failed: %s", self.name, version, exc
+                )
+                if attempt >= self.load_retries or self._stop.wait(self.retry_interval_s):
+                    with self._lock:
+                        entry.state = "END"
+                        entry.error = str(exc)
+                    return
+                attempt += 1
+                log.info(
+                    "Retrying of Loading servable: {name: %s version: %d} retry: %d",
+                    self.name,
+                    version,
+                    attempt,
+                )
         with self._lock:
             entry.state = "AVAILABLE"
         log.info(

@@ -66,16 +66,28 @@ def test_worker_consumes_the_queue_the_producer_sends_to() -> None:
     assert "--prefetch-multiplier=1" in cmd
 
 
-def test_scalers_read_the_ledgers_outstanding_set() -> None:
-    key = Ledger(redis.Redis(), prefix=Settings().key_prefix).outstanding_key  # no I/O
-    for name in ("workers", "tf-serving"):
+def container(deployment: str, name: str) -> dict[str, Any]:
+    """A container of a Deployment's pod, native sidecars (init containers) included."""
+    return next(c for c in containers(find("Deployment", deployment)) if c["name"] == name)
+
+
+def test_scalers_read_the_ledgers_keys() -> None:
+    ledger = Ledger(redis.Redis(), prefix=Settings().key_prefix)  # no I/O
+    # Workers scale on outstanding batches; the model tier also wakes for a
+    # producer waiting for a model version (the ledger's waiting set).
+    wanted = {
+        "workers": [ledger.outstanding_key],
+        "tf-serving": [ledger.outstanding_key, ledger.waiting_key],
+    }
+    for name, keys in wanted.items():
         so = find("ScaledObject", name)
         assert so["spec"]["scaleTargetRef"]["name"] == name
-        (trigger,) = so["spec"]["triggers"]
-        assert trigger["type"] == "redis"
-        assert trigger["metadata"]["listName"] == key
-        assert trigger["metadata"]["address"] == "redis.labelmill.svc.cluster.local:6379"
-        assert trigger["authenticationRef"]["name"] == "labelmill-redis"
+        triggers = so["spec"]["triggers"]
+        assert [t["metadata"]["listName"] for t in triggers] == keys
+        for trigger in triggers:
+            assert trigger["type"] == "redis"
+            assert trigger["metadata"]["address"] == "redis.labelmill.svc.cluster.local:6379"
+            assert trigger["authenticationRef"]["name"] == "labelmill-redis"
 
 
 def _port(url: str) -> int:
@@ -93,7 +105,7 @@ def test_ports_agree() -> None:
     tfs = find("Service", "tf-serving")
     assert tfs["spec"]["clusterIP"] == "None", "headless, for client-side round robin"
     assert {p["name"]: p["port"] for p in tfs["spec"]["ports"]}["grpc"] == model_port
-    args = find("Deployment", "tf-serving")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = container("tf-serving", "tf-serving")["args"]
     assert f"--port={model_port}" in args
     worker = find("Deployment", "workers")["spec"]["template"]["spec"]["containers"][0]
     metrics_port = int(
@@ -105,7 +117,7 @@ def test_ports_agree() -> None:
 
 def test_tf_serving_args_and_probes() -> None:
     pod = find("Deployment", "tf-serving")["spec"]["template"]["spec"]
-    args = pod["containers"][0]["args"]
+    args = container("tf-serving", "tf-serving")["args"]
     for flag in (
         "--enable_batching",
         "--enable_grpc_healthcheck_service",
@@ -115,8 +127,13 @@ def test_tf_serving_args_and_probes() -> None:
     ):
         assert flag in args
     assert any(a.startswith("--grpc_channel_arguments=grpc.max_connection_age_ms=") for a in args)
-    assert pod["containers"][0]["readinessProbe"]["grpc"]["port"] == 8500
+    assert container("tf-serving", "tf-serving")["readinessProbe"]["grpc"]["port"] == 8500
     assert pod["initContainers"][0]["image"] == pod_image("workers")
+    sync = container("tf-serving", "model-sync")
+    assert sync["image"] == pod_image("workers")
+    # A native sidecar: runs beside tf-serving, after the first pull.
+    assert sync["restartPolicy"] == "Always"
+    assert pod["initContainers"].index(sync) > 0
 
 
 def pod_image(deployment: str) -> str:
@@ -129,21 +146,29 @@ def test_serving_configmap_is_serving_config_verbatim() -> None:
     assert data == files
 
 
-def test_batching_config_is_consistent() -> None:
-    text = (ROOT / "serving" / "config" / "batching.config").read_text()
+def test_tf_serving_accepts_the_manifests_command_line(tmp_path: Path) -> None:
+    """The container's args and the ConfigMap's files, checked by TF Serving's rules."""
+    from serving.tfs import parse_command_line
 
-    def value(name: str) -> int:
-        m = re.search(rf"^{name}\s*{{\s*value:\s*(\d+)\s*}}", text, re.M)
-        assert m, name
-        return int(m.group(1))
-
-    allowed = [int(v) for v in re.findall(r"^allowed_batch_sizes:\s*(\d+)", text, re.M)]
-    assert allowed == sorted(allowed)
-    assert re.search(r"^enable_large_batch_splitting\s*{\s*value:\s*true", text, re.M)
-    # With large-batch splitting, TF Serving requires the last allowed size to
-    # equal max_execution_batch_size (and that to be at most max_batch_size).
-    assert allowed[-1] == value("max_execution_batch_size") <= value("max_batch_size")
-    assert Settings().batch_size <= value("max_execution_batch_size")
+    tfs = container("tf-serving", "tf-serving")
+    assert tfs["command"] == ["tensorflow_model_server"]
+    mount = next(m["mountPath"] for m in tfs["volumeMounts"] if m["name"] == "config")
+    for name, text in find("ConfigMap", "tf-serving-config")["data"].items():
+        (tmp_path / name).write_text(text)
+    args = [a.replace(f"{mount}/", f"{tmp_path}/") for a in tfs["args"]]
+    options = parse_command_line(args)
+    assert not options.unknown, options.unknown
+    assert options.batching is not None
+    # Workers' batches must fit in one request TF Serving accepts.
+    assert Settings().batch_size <= options.batching.max_batch_size
+    assert options.health_service
+    assert (
+        options.prometheus_path
+        == find("Deployment", "tf-serving")["spec"]["template"]["metadata"]["annotations"][
+            "prometheus.io/path"
+        ]
+    )
+    assert dict(options.channel_arguments)["grpc.max_connection_age_ms"] > 0
 
 
 def test_models_config_keeps_two_versions_at_the_mounted_path() -> None:

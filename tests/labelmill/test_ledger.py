@@ -9,6 +9,7 @@ import pytest
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
 from labelmill.ledger import JobSpec, Ledger
+from tests.fixtures.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +157,21 @@ def test_a_lost_reply_does_not_lose_the_manifest_claim(ledger: Ledger) -> None:
     # Another copy of the batch never gets it.
     assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-b") == (False, False)
     assert ledger.counts("j1").images_ok == 1
+
+
+def test_waiting_entries_are_leases(ledger: Ledger) -> None:
+    r = ledger.r
+    assert ledger.hold_waiting("a", 0.3) == 1
+    assert ledger.hold_waiting("b", 30) == 2
+    # "a" stops renewing; the next renewal by a live waiter drops its entry.
+    wait_until(lambda: ledger.hold_waiting("b", 30) == 1, timeout=10, what="a pruned")
+    assert r.zrange(ledger.waiting_key, 0, -1) == ["b"]
+    ledger.release_waiting("b")
+    assert r.exists(ledger.waiting_key) == 0
+
+
+def test_waiting_set_lapses_when_every_waiter_died(ledger: Ledger) -> None:
+    ledger.hold_waiting("a", 0.3)
+    assert ledger.r.zcard(ledger.waiting_key) == 1
+    # Nobody renews: KEDA's redis scaler then reads the missing key as 0.
+    wait_until(lambda: ledger.r.exists(ledger.waiting_key) == 0, timeout=10, what="lapse")

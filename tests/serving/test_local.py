@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -21,9 +25,10 @@ from tests.fixtures.model_server import (
     SERVING,
     ModelServer,
     health_status,
+    serving_env,
     start_model_server,
 )
-from tests.fixtures.procs import wait_until
+from tests.fixtures.procs import Proc, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -240,3 +245,158 @@ def test_new_versions_load_without_restart_and_sigterm_stops(
     log = (tmp_path / "versions.log").read_text()
     assert "Traceback" not in log
     assert log.count("AVAILABLE from") == 3  # one line per version load
+
+
+# -- TF Serving's command line -------------------------------------------------
+
+
+def tf_serving_configs(tmp_path: Path, base: Path, batching: str) -> list[str]:
+    """Config files as k8s/30-tf-serving-config.yaml ships them, on ``base``."""
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "models.config").write_text(
+        f'model_config_list {{ config {{ name: "inception" base_path: "{base}" '
+        'model_platform: "tensorflow" model_version_policy { latest { num_versions: 2 } } } }'
+    )
+    (config / "batching.config").write_text(batching)
+    (config / "monitoring.config").write_text(
+        'prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }'
+    )
+    return [
+        f"--model_config_file={config / 'models.config'}",
+        "--enable_batching",
+        f"--batching_parameters_file={config / 'batching.config'}",
+        f"--monitoring_config_file={config / 'monitoring.config'}",
+    ]
+
+
+def serving_local(args: list[str], log: Path) -> Proc:
+    return Proc([sys.executable, "-m", "serving", "local", *args], log=log, env=serving_env())
+
+
+def health_code(target: str) -> grpc.StatusCode:
+    with grpc.insecure_channel(target) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        try:
+            check(b"", timeout=5)
+        except grpc.RpcError as exc:
+            assert isinstance(exc, grpc.Call)
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_tf_serving_flags_load_before_listening_and_apply_batching_limits(
+    tiny_model_base: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "inception"
+    base.mkdir()
+    batching = (
+        "max_batch_size { value: 4 }\nallowed_batch_sizes: 2\nallowed_batch_sizes: 4\n"
+        "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 2 }\n"
+    )
+    port, rest = free_port(), free_port()
+    target = f"127.0.0.1:{port}"
+    log = tmp_path / "tfs.log"
+    args = [
+        f"--port={port}",
+        f"--rest_api_port={rest}",
+        *tf_serving_configs(tmp_path, base, batching),
+        "--enable_grpc_healthcheck_service",
+        "--file_system_poll_wait_seconds=1",
+        "--grpc_channel_arguments=grpc.max_connection_age_ms=30000",
+    ]
+    proc = serving_local(args, log)
+    try:
+        proc.wait_ready(
+            lambda: "No versions of servable inception" in log.read_text(),
+            timeout=120,
+            what="serving local waiting for a version",
+        )
+        # Like TF Serving: no port until the model is loaded.
+        assert health_code(target) == grpc.StatusCode.UNAVAILABLE
+        staging = base / ".staging-1"
+        shutil.copytree(tiny_model_base / "1", staging)
+        staging.rename(base / "1")
+        proc.wait_ready(
+            lambda: health_status(target) == SERVING, timeout=120, what="SERVING after the load"
+        )
+        with ModelClient(target, retry_budget_s=5) as client:
+            assert client.predict(random_pixels(4)).version == 1
+            with pytest.raises(InferenceError, match="Task size 5 is larger than maximum input"):
+                client.predict(random_pixels(5))
+        status = json.loads(http_get(f"http://127.0.0.1:{rest}/v1/models/inception"))
+        assert status["model_version_status"][0]["version"] == "1"
+        assert status["model_version_status"][0]["state"] == "AVAILABLE"
+        metrics = http_get(f"http://127.0.0.1:{rest}/monitoring/prometheus/metrics")
+        assert 'request_count{model_name="inception",status="OK"} 1' in metrics
+        assert 'status="ERROR"} 1' in metrics
+        proc.signal(signal.SIGTERM)
+        assert proc.popen.wait(timeout=30) == 0
+    finally:
+        proc.stop()
+    assert "Traceback" not in log.read_text()
+
+
+def test_tf_serving_flags_refuse_what_tf_serving_refuses_at_start(tmp_path: Path) -> None:
+    # The batch scheduler is made at start-up (SharedBatchScheduler::Create),
+    # so this fails before any model is looked at: one line, non-zero exit.
+    threads = "max_batch_size { value: 64 }\nnum_batch_threads { value: 0 }\n"
+    args = [f"--port={free_port()}", *tf_serving_configs(tmp_path, tmp_path / "m", threads)]
+    done = subprocess.run(
+        [sys.executable, "-m", "serving", "local", *args],
+        capture_output=True,
+        text=True,
+        env=serving_env(),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "serving: error: num_batch_threads must be positive; was 0"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_tf_serving_single_model_flags_serve_one_version_without_health(
+    tiny_model_base: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "inception"
+    shutil.copytree(tiny_model_base, base)
+    shutil.copytree(base / "1", base / "2")
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    args = [f"--port={port}", f"--model_base_path={base}", "--model_name=inception"]
+    proc = serving_local(args, tmp_path / "single.log")
+    try:
+        proc.wait_ready(
+            lambda: health_code(target) != grpc.StatusCode.UNAVAILABLE,
+            timeout=120,
+            what="serving local to listen",
+        )
+        # No --enable_grpc_healthcheck_service: no health service at all.
+        assert health_code(target) == grpc.StatusCode.UNIMPLEMENTED
+        with ModelClient(target, retry_budget_s=5) as client:
+            # BuildSingleModelConfig's default policy serves the latest version only.
+            assert client.model_versions() == {2: "AVAILABLE"}
+            staging = base / ".staging-3"
+            shutil.copytree(base / "1", staging)
+            staging.rename(base / "3")
+            wait_until(
+                lambda: client.model_versions() == {3: "AVAILABLE"},
+                timeout=120,
+                what="version 3 alone",
+            )
+    finally:
+        proc.stop()
+    log = (tmp_path / "single.log").read_text()
+    # Availability preserved: version 3 is loaded before version 2 goes.
+    assert log.index("version 3 AVAILABLE") < log.index("version 2 unloaded")
