@@ -3,13 +3,12 @@
 Keys (prefix ``p``, default ``labelmill``)::
 
     p:jobs                  zset  job id -> creation time
-    p:job:<id>              hash  spec, state, totals, counters
+    p:job:<id>              hash  spec, state, totals, counters, the pinned
+                                  model version (``model_version``)
     p:job:<id>:done         bitmap of finished batch numbers (dead ones too)
     p:job:<id>:dead         set of batch numbers declared dead
     p:job:<id>:attempts     hash  batch number -> deliveries
     p:outstanding           zset  "<job>:<batch>" -> enqueue time (KEDA reads ZCARD)
-    p:waiting               zset  producer token -> lease expiry (ms); KEDA wakes
-                                  the model tier on it (ZCARD), see hold_waiting
 
 Every counter update that could race goes through a Lua script, so a
 redelivered batch never double-counts and exactly one caller learns that a
@@ -22,25 +21,30 @@ import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import redis
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
-from labelmill.ledger_scripts import COMPLETE, FINISH_ENQUEUE, HOLD_WAITING, REOPEN_DEAD
+from labelmill.ledger_scripts import COMPLETE, FINISH_ENQUEUE, REOPEN_DEAD
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What a job is: where from, where to, how, with which model version."""
+    """What a job is: where from, where to, how, with which model version.
+
+    ``model_version`` is None until the version is pinned: at enqueue when a
+    model server answers then, or else by the job's first batch to meet an
+    AVAILABLE server (``Ledger.pin_model_version``).
+    """
 
     job_id: str
     input: str
     output: str
     batch_size: int
     model_name: str
-    model_version: int
+    model_version: int | None
     created_at: float
 
     def as_dict(self) -> dict[str, Any]:
@@ -62,7 +66,7 @@ class JobSpec:
             output=str(d["output"]),
             batch_size=int(d["batch_size"]),
             model_name=str(d["model_name"]),
-            model_version=int(d["model_version"]),
+            model_version=None if d.get("model_version") is None else int(d["model_version"]),
             created_at=float(d["created_at"]),
         )
 
@@ -108,6 +112,14 @@ class JobCounts:
         return max(0, self.batches_sent - self.batches_done)
 
 
+def _spec(raw: str, pinned: str | None) -> JobSpec:
+    """The spec saved at creation, with the version pinned since, if any."""
+    spec = JobSpec.from_dict(json.loads(raw))
+    if spec.model_version is None and pinned:
+        spec = replace(spec, model_version=int(pinned))
+    return spec
+
+
 def _fields(fields: Mapping[str, str | int | float]) -> dict[Any, Any]:
     return dict(fields)
 
@@ -126,7 +138,6 @@ class Ledger:
         self._complete = self.r.register_script(COMPLETE)
         self._finish_enqueue = self.r.register_script(FINISH_ENQUEUE)
         self._reopen_dead = self.r.register_script(REOPEN_DEAD)
-        self._hold_waiting = self.r.register_script(HOLD_WAITING)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "labelmill", ttl_s: int = 604800) -> Ledger:
@@ -146,10 +157,6 @@ class Ledger:
     @property
     def outstanding_key(self) -> str:
         return f"{self.p}:outstanding"
-
-    @property
-    def waiting_key(self) -> str:
-        return f"{self.p}:waiting"
 
     @property
     def jobs_key(self) -> str:
@@ -179,14 +186,36 @@ class Ledger:
             created = bool(self.r.hsetnx(key, "spec", json.dumps(spec.as_dict())))
             if created:
                 pipe = self.r.pipeline()
-                pipe.hset(key, mapping={"state": "enqueuing", "created_at": spec.created_at})
+                fields: dict[str, str | float | int] = {
+                    "state": "enqueuing",
+                    "created_at": spec.created_at,
+                }
+                if spec.model_version is not None:
+                    fields["model_version"] = spec.model_version
+                pipe.hset(key, mapping=_fields(fields))
                 pipe.zadd(self.jobs_key, {spec.job_id: spec.created_at})
                 pipe.execute()
                 return spec, True
-            raw = self.r.hget(key, "spec")
+            raw, pinned = cast(list[str | None], self.r.hmget(key, ["spec", "model_version"]))
         except redis.RedisError as exc:
             raise _wrap(exc) from None
-        return JobSpec.from_dict(json.loads(str(raw))), False
+        return _spec(str(raw), pinned), False
+
+    def pin_model_version(self, job_id: str, version: int) -> int:
+        """Pin ``version`` for the whole job unless one is pinned already; return the pin.
+
+        HSETNX makes the first caller win: every batch of a job then asks the
+        model server for the same version (one version per job).
+        """
+        key = self.job_key(job_id)
+        pipe = self.r.pipeline()  # MULTI: the read sees the write that won
+        pipe.hsetnx(key, "model_version", version)
+        pipe.hget(key, "model_version")
+        try:
+            _, pinned = pipe.execute()
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+        return int(pinned)
 
     def restore_job(self, spec: JobSpec) -> None:
         """Recreate a job's hash from its spec (after Redis lost it)."""
@@ -195,6 +224,8 @@ class Ledger:
         pipe.hsetnx(key, "spec", json.dumps(spec.as_dict()))
         pipe.hsetnx(key, "state", "running")
         pipe.hsetnx(key, "created_at", spec.created_at)
+        if spec.model_version is not None:
+            pipe.hsetnx(key, "model_version", spec.model_version)
         pipe.zadd(self.jobs_key, {spec.job_id: spec.created_at})
         pipe.persist(key)
         try:
@@ -207,30 +238,6 @@ class Ledger:
         now = time.time()
         try:
             self.r.zadd(self.outstanding_key, {self.member(job_id, b): now for b in batch_nos})
-        except redis.RedisError as exc:
-            raise _wrap(exc) from None
-
-    def hold_waiting(self, token: str, lease_s: float) -> int:
-        """Count one producer as waiting for a model version, for ``lease_s`` more.
-
-        The model tier's ScaledObject has a trigger on this set, so a producer
-        that waits wakes a tier at zero replicas. Renew well inside the lease;
-        an entry not renewed lapses (see ``HOLD_WAITING``). Returns how many
-        producers wait now.
-        """
-        now_ms = int(time.time() * 1000)
-        try:
-            n = self._hold_waiting(
-                keys=[self.waiting_key], args=[now_ms, max(1, int(lease_s * 1000)), token]
-            )
-        except redis.RedisError as exc:
-            raise _wrap(exc) from None
-        return int(n)
-
-    def release_waiting(self, token: str) -> None:
-        """Stop counting a producer as waiting."""
-        try:
-            self.r.zrem(self.waiting_key, token)
         except redis.RedisError as exc:
             raise _wrap(exc) from None
 
@@ -270,14 +277,14 @@ class Ledger:
         """Count a delivery and say whether the batch still needs doing."""
         key = self.job_key(job_id)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hmget(key, ["spec", "state"])
+        pipe.hmget(key, ["spec", "state", "model_version"])
         pipe.getbit(f"{key}:done", batch_no)
         pipe.hincrby(f"{key}:attempts", str(batch_no), 1)
         try:
-            (raw_spec, state), done, attempt = pipe.execute()
+            (raw_spec, state, pinned), done, attempt = pipe.execute()
         except redis.RedisError as exc:
             raise _wrap(exc) from None
-        spec = JobSpec.from_dict(json.loads(raw_spec)) if raw_spec else None
+        spec = _spec(raw_spec, pinned) if raw_spec else None
         return BatchStart(
             spec=spec, state=str(state or ""), already_done=bool(done), attempt=int(attempt)
         )
@@ -355,7 +362,7 @@ class Ledger:
             return float(h[name]) if h.get(name) else None
 
         return JobCounts(
-            spec=JobSpec.from_dict(json.loads(h["spec"])),
+            spec=_spec(h["spec"], h.get("model_version")),
             state=h.get("state", ""),
             listed=num("listed"),
             last_key=h.get("last_key", ""),

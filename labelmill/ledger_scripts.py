@@ -73,15 +73,3 @@ if redis.call('HGET', KEYS[1], 'state') == 'done' then
 end
 return 1
 """
-
-# A producer waiting for the model tier renews its lease in the waiting set.
-# KEYS: waiting. ARGV: now (ms), lease (ms), token. Expired entries (producers
-# that died) are dropped first, and the whole key expires one lease after the
-# last renewal, so a set that every waiter left alive no longer counts for
-# KEDA: its redis scaler reads a missing key as 0.
-HOLD_WAITING = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return redis.call('ZCARD', KEYS[1])
-"""

@@ -70,10 +70,13 @@ def send_batch(
     job_id: str,
     batch_no: int,
     uris: Sequence[str],
-    model_version: int,
+    model_version: int | None,
     producer: Producer | None = None,
 ) -> None:
     """Publish one batch: a message of URIs, never image bytes.
+
+    ``model_version`` None: the job's version is not pinned yet; the worker
+    reads (or makes) the pin in the ledger.
 
     Two things Celery would do per message are skipped, because they were
     most of the producer's cost per batch (bench/enqueue.py):

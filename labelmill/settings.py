@@ -31,9 +31,6 @@ class Settings(BaseSettings):
     model_name: str = "inception"
     model_version: int | None = None
     model_timeout_s: float = Field(default=60.0, gt=0)
-    # How long `producer enqueue` waits for the model tier to serve a version
-    # (scaling from zero, or still loading) before it gives up with exit 3.
-    model_wait_s: float = Field(default=900.0, gt=0)
 
     # Jobs.
     batch_size: int = Field(default=32, ge=1, le=1024)

@@ -22,7 +22,13 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from labelmill.errors import LabelmillError, ServiceError, UsageError
+from labelmill.errors import (
+    LabelmillError,
+    ModelNotFound,
+    ModelUnavailable,
+    ServiceError,
+    UsageError,
+)
 from labelmill.jobs import is_valid_job_id, status_dict
 from labelmill.ledger import Ledger
 from labelmill.queue import make_celery
@@ -70,19 +76,33 @@ class Env:
     def celery(self) -> Celery:
         return make_celery(self.settings)
 
-    def newest_version(self) -> int:
+    def version_now(self) -> int | None:
+        """The version to pin at enqueue: the one asked for, else the newest AVAILABLE now.
+
+        None when no model server serves a version yet (the tier is at zero
+        or loading): the producer does not wait for one. Its batches are
+        outstanding at once, which is what scales the tiers up, and the job's
+        first batch to meet an AVAILABLE server pins the newest version.
+        """
         s = self.settings
         if s.model_version is not None:
             return s.model_version
         # Imported here: grpc and numpy take a tenth of a second, and a job
         # with a pinned version (or resumed) never talks to the model server.
         from labelmill.model_client import ModelClient
-        from producer import waiting
 
-        # No retries inside a call: the wait below polls, and registers the
-        # producer as waiting so that a model tier at zero scales up.
-        with ModelClient(s.model_server, s.model_name, timeout_s=10.0, retry_budget_s=0.0) as c:
-            return waiting.newest_version(c, self.ledger, wait_s=s.model_wait_s, say=_note)
+        try:
+            with ModelClient(
+                s.model_server, s.model_name, timeout_s=5.0, retry_budget_s=0.0
+            ) as client:
+                return client.newest_available_version()
+        except (ModelUnavailable, ModelNotFound) as exc:
+            _note(
+                f"no model version is AVAILABLE yet ({exc}); the job's first batch to reach "
+                f"an AVAILABLE model server pins the newest version, and workers wait up to "
+                f"LABELMILL_RETRY_BUDGET_S ({s.retry_budget_s:g}s) per batch for one"
+            )
+            return None
 
 
 def _note(message: str) -> None:
@@ -147,15 +167,6 @@ def enqueue(
     model_version: Annotated[
         int | None, typer.Option(min=1, envvar="LABELMILL_MODEL_VERSION")
     ] = None,
-    model_wait: Annotated[
-        float | None,
-        typer.Option(
-            "--model-wait",
-            min=0.001,
-            help="Seconds to wait for the model tier to serve a version "
-            "[default: LABELMILL_MODEL_WAIT_S or 900].",
-        ),
-    ] = None,
     dry_run: Annotated[bool, typer.Option(help="List and count; enqueue nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -168,7 +179,6 @@ def enqueue(
                 "batch_size": batch_size,
                 "max_outstanding": max_outstanding,
                 "model_version": model_version,
-                "model_wait_s": model_wait,
             }.items()
             if v is not None
         }
@@ -190,7 +200,7 @@ def enqueue(
                 batch_size=s.batch_size,
                 max_outstanding=s.max_outstanding,
                 model_name=s.model_name,
-                resolve_version=e.newest_version,
+                resolve_version=e.version_now,
                 job_id=job_id,
                 progress=progress,
             )
@@ -207,7 +217,7 @@ def enqueue(
     out.print(
         f"job [bold]{result.job_id}[/] {verb}: {result.new_batches} batches sent now, "
         f"{result.images_total} images in {result.batches_total} batches, "
-        f"model version {result.model_version}"
+        "model version " + (str(result.model_version) if result.model_version else "not pinned yet")
     )
     out.print(f"follow it with: producer watch {result.job_id}")
     # A plain, parseable last line for scripts.

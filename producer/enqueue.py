@@ -101,7 +101,7 @@ def enqueue(
     batch_size: int,
     max_outstanding: int,
     model_name: str,
-    resolve_version: Callable[[], int],
+    resolve_version: Callable[[], int | None],
     job_id: str | None = None,
     progress: Progress | None = None,
 ) -> EnqueueResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from celery import Celery
@@ -111,8 +111,10 @@ def reconcile(
 
     base = job_dir(spec)
     done: dict[int, tuple[int, dict[str, int], bool]] = {}
+    versions: set[int] = set()
     for batch_no, uri in part_files(storage, base):
         lines = read_part(storage, uri)
+        versions.update(r["model"]["version"] for r in lines if r["status"] == "ok")
         ok = sum(1 for r in lines if r["status"] == "ok")
         errs = Counter(r["error"]["kind"] for r in lines if r["status"] == "error")
         dead = bool(lines) and errs.get("dead", 0) == len(lines)
@@ -121,6 +123,10 @@ def reconcile(
     # Counters first, from the part files; then one pass over the listing that
     # re-sends what has no part file; then the listing's totals, which also
     # let the last batch to finish claim the manifest.
+    if spec.model_version is None and versions:
+        # The spec file predates the pin (the tier was at zero at enqueue);
+        # the lines written so far carry it, and the rest must match them.
+        spec = replace(spec, model_version=ledger.pin_model_version(job_id, min(versions)))
     ledger.reset_counts(job_id, done_batches=done, fields={"state": "running"})
     sent, tail = _resend(storage, ledger, app, spec, lambda b: b not in done)
     out = Resent(job_id, missing=sent)

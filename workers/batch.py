@@ -15,9 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from labelmill.errors import ImageError, InferenceError, ServiceError, TransientError
+from labelmill.errors import (
+    ImageError,
+    InferenceError,
+    ModelNotFound,
+    ModelUnavailable,
+    ServiceError,
+    TransientError,
+)
 from labelmill.jobs import is_valid_job_id, job_dir, write_manifest
-from labelmill.ledger import Ledger
+from labelmill.ledger import JobSpec, Ledger
 from labelmill.model_client import ModelClient
 from labelmill.records import dumps_lines, error_record, ok_record, part_name
 from labelmill.retry import retry_transient
@@ -111,6 +118,8 @@ def run_batch(
         records = []
     else:
         try:
+            if version is None:
+                version = _pin_version(svc, spec)
             records = _classify_batch(svc, spec.job_id, batch_no, uris, spec.model_name, version)
         except TransientError as exc:
             dead_reason = f"gave up after the {budget:.0f}s retry budget: {exc}"
@@ -190,6 +199,35 @@ def run_batch(
         attempt=start.attempt,
         finished_job=claimed,
     )
+
+
+def _pin_version(svc: Services, spec: JobSpec) -> int:
+    """The job's model version: the newest AVAILABLE one, pinned by the first batch to ask.
+
+    A job enqueued while the model tier was at zero or loading has no
+    version yet. Waiting for one is part of the batch's retry budget; the
+    ledger's pin (first writer wins) gives every batch the same version.
+    """
+    budget = svc.settings.retry_budget_s
+    newest = retry_transient(
+        lambda: _newest_available(svc.model),
+        budget_s=budget,
+        what=f"an AVAILABLE version of model {spec.model_name}",
+        on_retry=_count_retry("model"),
+    )
+    pinned = retry_transient(
+        lambda: svc.ledger.pin_model_version(spec.job_id, newest), budget_s=budget, what="ledger"
+    )
+    log.info("job %s: model version %d pinned for the whole job", spec.job_id, pinned)
+    return pinned
+
+
+def _newest_available(client: ModelClient) -> int:
+    try:
+        return client.newest_available_version()
+    except ModelNotFound as exc:
+        # No version AVAILABLE yet: the server is still loading. Worth waiting.
+        raise ModelUnavailable(str(exc)) from None
 
 
 def _malformed(job_id: object, batch_no: object, uris: object) -> str | None:

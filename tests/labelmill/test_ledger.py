@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
 from labelmill.ledger import JobSpec, Ledger
-from tests.fixtures.procs import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -159,19 +159,21 @@ def test_a_lost_reply_does_not_lose_the_manifest_claim(ledger: Ledger) -> None:
     assert ledger.counts("j1").images_ok == 1
 
 
-def test_waiting_entries_are_leases(ledger: Ledger) -> None:
-    r = ledger.r
-    assert ledger.hold_waiting("a", 0.3) == 1
-    assert ledger.hold_waiting("b", 30) == 2
-    # "a" stops renewing; the next renewal by a live waiter drops its entry.
-    wait_until(lambda: ledger.hold_waiting("b", 30) == 1, timeout=10, what="a pruned")
-    assert r.zrange(ledger.waiting_key, 0, -1) == ["b"]
-    ledger.release_waiting("b")
-    assert r.exists(ledger.waiting_key) == 0
+def test_the_first_pin_wins_for_the_whole_job(ledger: Ledger) -> None:
+    unpinned = replace(_spec(), model_version=None)
+    ledger.create_job(unpinned)
+    assert ledger.counts("j1").spec.model_version is None
+    assert ledger.begin_batch("j1", 0).spec == unpinned
+    assert ledger.pin_model_version("j1", 3) == 3
+    # A later batch that found another version gets the pinned one back.
+    assert ledger.pin_model_version("j1", 4) == 3
+    assert ledger.counts("j1").spec.model_version == 3
+    start = ledger.begin_batch("j1", 1).spec
+    assert start is not None and start.model_version == 3
+    # Resuming the job sees the pin too.
+    assert ledger.create_job(unpinned)[0].model_version == 3
 
 
-def test_waiting_set_lapses_when_every_waiter_died(ledger: Ledger) -> None:
-    ledger.hold_waiting("a", 0.3)
-    assert ledger.r.zcard(ledger.waiting_key) == 1
-    # Nobody renews: KEDA's redis scaler then reads the missing key as 0.
-    wait_until(lambda: ledger.r.exists(ledger.waiting_key) == 0, timeout=10, what="lapse")
+def test_a_version_given_at_enqueue_is_the_pin(ledger: Ledger) -> None:
+    ledger.create_job(_spec())
+    assert ledger.pin_model_version("j1", 7) == 2
