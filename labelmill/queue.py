@@ -38,13 +38,14 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Unacked messages come back after this many seconds; well above the
-        # longest batch (its retry budget included). Only a running consumer
-        # brings them back: each worker sweeps the unacked index at start-up
-        # and then every `unacked_restore_interval` seconds (kombu's default
-        # sweep is only every interval x throttle = 100 s). A message is thus
-        # redelivered between visibility_timeout and visibility_timeout +
-        # restore_interval_s after its worker died.
+        # Unacked messages come back this many seconds after they were last
+        # refreshed: live workers refresh the ones they hold every quarter of
+        # it (workers/visibility.py), so only a dead worker's come back. Only a
+        # running consumer brings them back: each worker sweeps the unacked
+        # index at start-up and then every `unacked_restore_interval` seconds
+        # (kombu's default sweep is only every interval x throttle = 100 s).
+        # A dead worker's message is thus redelivered within visibility_timeout
+        # + visibility_timeout / 4 + restore_interval_s of its death (85 s).
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.restore_interval_s,

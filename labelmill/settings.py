@@ -52,7 +52,11 @@ class Settings(BaseSettings):
     fetch_concurrency: int = Field(default=8, ge=1)
     retry_budget_s: float = Field(default=900.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1)
-    visibility_timeout_s: int = Field(default=3600, ge=10)
+    # A message held by no live worker (its container died) goes back to the
+    # queue this long after its worker last refreshed it; live workers refresh
+    # what they hold every quarter of it (workers/visibility.py), so a long
+    # batch is never run twice while its worker lives.
+    visibility_timeout_s: int = Field(default=60, ge=10)
     # How often each worker sweeps Redis for unacknowledged messages older
     # than the visibility timeout (those of a worker that died) and puts them
     # back on the queue. kombu's own default is one sweep per ~100 s

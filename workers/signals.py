@@ -6,10 +6,12 @@ Kept out of the task body (dramatiq keeps such concerns in middleware):
   prometheus multiprocess folder, so a restarted container does not add its
   previous life's files to the new counts.
 - ``worker_ready`` (main process, pool and consumer started): touch the
-  heartbeat file and, when ``LABELMILL_METRICS_PORT`` is set, start the
-  Prometheus endpoint. Starting it here, after the fork, keeps the server
-  thread in the main process only; pool children write their values to the
-  multiprocess folder and the endpoint sums them.
+  heartbeat file, start the thread that keeps the messages this worker holds
+  from being redelivered (``workers.visibility``) and, when
+  ``LABELMILL_METRICS_PORT`` is set, start the Prometheus endpoint. Starting
+  it here, after the fork, keeps the server thread in the main process only;
+  pool children write their values to the multiprocess folder and the
+  endpoint sums them.
 - ``heartbeat_sent`` (main process, every couple of seconds while the
   consumer is connected to the broker): touch the heartbeat file. The
   Kubernetes probes run ``python -m workers.signals --max-age S``, which
@@ -103,6 +105,18 @@ def _ready(**_: Any) -> None:
             start_metrics_server(settings.metrics_port, settings.redis_url, settings.key_prefix)
         except OSError as exc:  # port taken: run without metrics rather than not at all
             log.error("metrics endpoint on :%d: %s", settings.metrics_port, exc)
+    start_visibility_refresher(settings.redis_url, settings.visibility_timeout_s)
+
+
+def start_visibility_refresher(redis_url: str, visibility_timeout_s: float) -> None:
+    """Keep this worker's held messages from being redelivered (workers/visibility.py)."""
+    import redis
+
+    from workers.visibility import VisibilityRefresher
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    # Four refreshes per timeout: one lost to a Redis hiccup costs nothing.
+    VisibilityRefresher(client, every_s=visibility_timeout_s / 4).start()
 
 
 @heartbeat_sent.connect

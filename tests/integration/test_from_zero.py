@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from tests.faults.helpers import check_job, put_many, tiny_photos
-from tests.fixtures.model_server import SERVING, health_status, serving_env
-from tests.fixtures.procs import Proc, free_port, wait_until
+from tests.fixtures.model_server import start_model_server
+from tests.fixtures.procs import free_port, wait_until
 from tests.fixtures.stack import REPO, Pipeline
 
 pytestmark = pytest.mark.integration
@@ -35,15 +35,6 @@ def two_versions(tiny_model_base: Path, tmp_path: Path) -> Path:
     shutil.copytree(tiny_model_base / "1", base / "1")
     shutil.copytree(tiny_model_base / "1", base / "2")
     return base
-
-
-def later_model_server(base: Path, port: int, log: Path) -> Proc:
-    """``serving local`` on ``port``, started now and SERVING once it has loaded."""
-    target = f"127.0.0.1:{port}"
-    args = ["--model-base-path", str(base), "--port", str(port)]
-    proc = Proc([sys.executable, "-m", "serving", "local", *args], log=log, env=serving_env())
-    proc.wait_ready(lambda: health_status(target) == SERVING, timeout=180, what=target)
-    return proc
 
 
 def at_zero(
@@ -88,11 +79,11 @@ def test_enqueue_at_zero_returns_and_the_job_completes_on_one_version(
     assert len(list(p.ledger.outstanding_batches(job))) == 4
     assert counts.spec.model_version is None
 
-    server = later_model_server(two_versions, port, tmp_path / "model.log")
+    server = start_model_server(two_versions, tmp_path / "model.log", port=port)
     try:
         p.wait_done(job, timeout=240)
     finally:
-        server.stop()
+        server.proc.stop()
     checked = check_job(p, job, inputs, output)
     versions = {r["model"]["version"] for r in checked.output.lines}
     assert versions == {2}, "every line of the job on the newest version"
@@ -125,11 +116,12 @@ def test_a_producer_killed_while_it_waits_leaves_work_that_completes_and_resumes
             stderr=stderr,
         )
     try:
-        # The window is full and nothing serves: the producer waits for room.
+        # The window is full and nothing serves: the producer waits for room
+        # once both messages are sent (and their position recorded).
         wait_until(
-            lambda: len(list(p.ledger.outstanding_batches(job))) == 2,
+            lambda: p.ledger.counts(job).batches_sent == 2,
             timeout=60,
-            what="two batches outstanding",
+            what="two batches sent",
         )
         assert producer.poll() is None
         producer.send_signal(signal.SIGKILL)
@@ -140,7 +132,7 @@ def test_a_producer_killed_while_it_waits_leaves_work_that_completes_and_resumes
             producer.wait()
     # What it sent is still outstanding (KEDA keeps both tiers up for it) ...
     assert len(list(p.ledger.outstanding_batches(job))) == 2
-    server = later_model_server(two_versions, port, tmp_path / "model.log")
+    server = start_model_server(two_versions, tmp_path / "model.log", port=port)
     try:
         # ... and completes once the model tier is up.
         wait_until(
@@ -156,7 +148,7 @@ def test_a_producer_killed_while_it_waits_leaves_work_that_completes_and_resumes
         p.producer(*args)
         p.wait_done(job, timeout=240)
     finally:
-        server.stop()
+        server.proc.stop()
     checked = check_job(p, job, inputs, output)
     assert {r["model"]["version"] for r in checked.output.lines} == {2}
     assert max(checked.ledger_attempts.values()) == 1, "no batch ran twice"
