@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     # fetch_concurrency * max_object_bytes: each fetch thread holds one object
     # at most and decodes it before taking the next.
     fetch_concurrency: int = Field(default=8, ge=1)
+    # Fetched bytes and decoding pixels one worker (all its pool processes)
+    # holds at once, in MiB; None: half the container's memory limit (cgroup),
+    # or 1024 without one (workers/budget.py).
+    memory_budget_mb: int | None = Field(default=None, ge=16)
     retry_budget_s: float = Field(default=900.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1)
     # A message held by no live worker (its container died) goes back to the

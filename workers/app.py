@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from celery.exceptions import Reject
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_init, worker_process_shutdown
 
 import workers.signals  # noqa: F401  (signal hooks: metrics endpoint, heartbeat)
 from labelmill.errors import TransientError
@@ -23,6 +23,7 @@ from labelmill.queue import TASK, make_celery
 from labelmill.settings import Settings
 from labelmill.storage import Storage
 from workers.batch import Outcome, Services, run_batch
+from workers.budget import process_budget
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,15 @@ app.conf.worker_consumer = "workers.consumer:Consumer"
 _services: Services | None = None
 _services_pid: int | None = None
 _lock = threading.Lock()
+# Pool processes of this worker (-c), set in the main process before the pool
+# forks; each process budgets its share of the worker's memory budget.
+_pool_processes = 1
+
+
+@worker_init.connect
+def _pool_size(sender: Any = None, **_: Any) -> None:
+    global _pool_processes
+    _pool_processes = int(getattr(sender, "concurrency", None) or 1)
 
 
 def services() -> Services:
@@ -52,6 +62,7 @@ def services() -> Services:
                     timeout_s=settings.model_timeout_s,
                     retry_budget_s=min(30.0, settings.retry_budget_s),
                 ),
+                memory=process_budget(settings.memory_budget_mb, _pool_processes),
             )
             _services_pid = os.getpid()
         return _services

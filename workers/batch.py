@@ -31,6 +31,7 @@ from labelmill.retry import retry_transient
 from labelmill.settings import Settings
 from labelmill.storage import ObjectStore, join_uri
 from workers import metrics
+from workers.budget import UNLIMITED_DEFAULT, WorkerBudget
 from workers.classify import classify
 from workers.fetch import Failed, Loaded, load_batch
 
@@ -45,6 +46,8 @@ class Services:
     storage: ObjectStore
     ledger: Ledger
     model: ModelClient
+    # Unit tests leave the default: a budget no test image comes near.
+    memory: WorkerBudget = field(default_factory=lambda: WorkerBudget(UNLIMITED_DEFAULT))
     pool: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -255,7 +258,13 @@ def _classify_batch(
 ) -> list[dict[str, Any]]:
     s = svc.settings
     loaded = load_batch(
-        svc.storage, uris, s, svc.pool, budget_s=s.retry_budget_s, on_retry=_count_retry("s3")
+        svc.storage,
+        uris,
+        s,
+        svc.pool,
+        budget_s=s.retry_budget_s,
+        on_retry=_count_retry("s3"),
+        memory=svc.memory,
     )
     # Fetch and decode overlap on the thread pool: these are the batch's
     # thread-seconds in each, which is what tells where a worker's time goes.

@@ -1,9 +1,10 @@
 """Fetch a batch's objects concurrently and decode them, with bounded memory.
 
 Each thread fetches one object (capped at ``max_object_bytes``) and decodes it
-to a 299x299 array before taking the next, so the bytes in flight per process
-never exceed ``fetch_concurrency * max_object_bytes``. Pillow releases the GIL
-while decoding, so the threads also use several cores.
+to a 299x299 array before taking the next. What the threads of a process hold
+at once, fetched bytes and decoded pixels together, stays within the
+process's memory budget (``workers.budget``). Pillow releases the GIL while
+decoding, so the threads also use several cores.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from labelmill.errors import ImageError, TransientError
 from labelmill.retry import retry_transient
 from labelmill.settings import Settings
 from labelmill.storage import ObjectStore
+from workers.budget import WorkerBudget
 from workers.preprocess import preprocess
 
 
@@ -54,13 +56,45 @@ def load_one(
     *,
     budget_s: float,
     on_retry: Callable[[TransientError], None] | None = None,
+    memory: WorkerBudget | None = None,
 ) -> Loaded | Failed:
-    """Fetch and decode one object; permanent problems become :class:`Failed`."""
+    """Fetch and decode one object; permanent problems become :class:`Failed`.
+
+    With ``memory``, the object's bytes are reserved before they are read and
+    until the image is decoded, and decoding reserves what it will take
+    (``workers.budget``).
+    """
+    held = 0
+
+    def admit(size: int) -> None:
+        nonlocal held
+        if memory is not None:
+            memory.fetch.release(held)  # a retried fetch replaces its reservation
+            held = 0
+            memory.fetch.acquire(size)
+            held = size
+
+    try:
+        return _load_one(storage, uri, settings, budget_s, on_retry, memory, admit)
+    finally:
+        if memory is not None:
+            memory.fetch.release(held)
+
+
+def _load_one(
+    storage: ObjectStore,
+    uri: str,
+    settings: Settings,
+    budget_s: float,
+    on_retry: Callable[[TransientError], None] | None,
+    memory: WorkerBudget | None,
+    admit: Callable[[int], None],
+) -> Loaded | Failed:
     t0 = time.perf_counter()
     t1: float | None = None  # when the bytes arrived
     try:
         data, etag = retry_transient(
-            lambda: storage.get(uri, max_bytes=settings.max_object_bytes),
+            lambda: storage.get(uri, max_bytes=settings.max_object_bytes, admit=admit),
             budget_s=budget_s,
             what=f"fetch {uri}",
             on_retry=on_retry,
@@ -75,7 +109,10 @@ def load_one(
             # the fault suite can check the poison-batch delivery limit.
             os._exit(70)
         pixels = preprocess(
-            data, max_pixels=settings.max_pixels, allowed_formats=settings.allowed_formats
+            data,
+            max_pixels=settings.max_pixels,
+            allowed_formats=settings.allowed_formats,
+            hold=memory.decode.hold if memory is not None else None,
         )
     except ImageError as exc:
         msg = exc.message if uri in exc.message else f"{uri}: {exc.message}"
@@ -94,10 +131,13 @@ def load_batch(
     *,
     budget_s: float,
     on_retry: Callable[[TransientError], None] | None = None,
+    memory: WorkerBudget | None = None,
 ) -> list[Loaded | Failed]:
     """Fetch and decode every URI, in order. Transient errors past the budget propagate."""
     futures = [
-        pool.submit(load_one, storage, u, settings, budget_s=budget_s, on_retry=on_retry)
+        pool.submit(
+            load_one, storage, u, settings, budget_s=budget_s, on_retry=on_retry, memory=memory
+        )
         for u in uris
     ]
     return [f.result() for f in futures]

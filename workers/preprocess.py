@@ -14,8 +14,10 @@ orientation) happens on ``size x size`` pixels only.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
 from io import BytesIO
 
 import numpy as np
@@ -55,8 +57,17 @@ _TRANSPARENCY_MODES = frozenset({"1", "L", "RGB", "P"})
 UInt8Image = npt.NDArray[np.uint8]
 
 
+Hold = Callable[[int], AbstractContextManager[object]]
+"""Reserve this many bytes of memory for the block (``workers.budget``)."""
+
+
 def preprocess(
-    data: bytes, *, max_pixels: int, allowed_formats: Collection[str], size: int = SIZE
+    data: bytes,
+    *,
+    max_pixels: int,
+    allowed_formats: Collection[str],
+    size: int = SIZE,
+    hold: Hold | None = None,
 ) -> UInt8Image:
     """Encoded image bytes -> C-contiguous uint8 array ``[size, size, 3]``, RGB.
 
@@ -65,24 +76,51 @@ def preprocess(
     pixel in view, where a centre crop would cut off the subject of a portrait
     or panorama. Only the first frame of an animation or multi-page file is
     used. Raises :class:`ImageError` (``empty``, ``decompression_bomb``,
-    ``unsupported``, ``decode``).
+    ``unsupported``, ``decode``). ``hold(n)`` is entered with what decoding
+    will take (:func:`decode_cost`) before any pixel is decoded, and left once
+    the image is down to ``size x size``.
     """
     with warnings.catch_warnings():
         _quiet_pillow()
-        img = _decode(data, max_pixels=max_pixels, allowed_formats=allowed_formats, size=size)
+        img = _open_checked(data, max_pixels=max_pixels, allowed_formats=allowed_formats, size=size)
         try:
-            orientation = _orientation(img)
-            out = _to_rgb(img, size)
-            if orientation is not None:
-                out = out.transpose(orientation)
-            array = np.array(out, dtype=np.uint8)
-        except Exception as exc:
-            # The pixels decoded, so a failure here means an odd mode or
-            # palette in an untrusted file; it is that image's fault alone.
-            raise ImageError("decode", f"cannot convert {img.mode} image: {exc}") from exc
+            with hold(decode_cost(img)) if hold else contextlib.nullcontext():
+                _load(img, max_pixels)
+                try:
+                    orientation = _orientation(img)
+                    out = _to_rgb(img, size)
+                    if orientation is not None:
+                        out = out.transpose(orientation)
+                    array = np.array(out, dtype=np.uint8)
+                except Exception as exc:
+                    # The pixels decoded, so a failure here means an odd mode or
+                    # palette in an untrusted file; it is that image's fault alone.
+                    raise ImageError("decode", f"cannot convert {img.mode} image: {exc}") from exc
         finally:
             img.close()
     return array
+
+
+# Bytes per pixel of a decoded frame in Pillow's memory: "RGB" is stored as
+# four bytes, like "RGBA" and "CMYK".
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def decode_cost(img: Image.Image) -> int:
+    """Bytes that decoding ``img`` (opened, draft applied) and resizing it will hold at most.
+
+    The decoded frame, plus the full-size copy that a mode conversion makes
+    (palette, CMYK, ...) or the float32 arrays of a high-depth image; the
+    reduced and resized images are at most (3 x 299)^2 pixels and not counted.
+    """
+    pixels = img.size[0] * img.size[1]
+    mode = img.mode
+    cost = pixels * _BYTES_PER_PIXEL.get(mode, 4)
+    if mode in _HIGH_DEPTH_MODES:
+        cost += pixels * 4 * 3  # float32 values, the finite mask's where(), the resize input
+    elif mode not in ("RGB", "L", "RGBA", "LA"):
+        cost += pixels * 4
+    return cost
 
 
 def decode(
@@ -96,12 +134,15 @@ def decode(
     """
     with warnings.catch_warnings():
         _quiet_pillow()
-        return _decode(data, max_pixels=max_pixels, allowed_formats=allowed_formats, size=size)
+        img = _open_checked(data, max_pixels=max_pixels, allowed_formats=allowed_formats, size=size)
+        _load(img, max_pixels)
+        return img
 
 
-def _decode(
+def _open_checked(
     data: bytes, *, max_pixels: int, allowed_formats: Collection[str], size: int
 ) -> Image.Image:
+    """The image, opened and checked but not decoded; JPEGs set to decode scaled down."""
     if size < 1:
         msg = f"size must be at least 1, got {size}"
         raise ValueError(msg)
@@ -113,6 +154,14 @@ def _decode(
         # Draft mode makes libjpeg decode at 1/2, 1/4 or 1/8 scale, never
         # below the requested size; on other formats it does nothing.
         img.draft("RGB", (size, size))
+    except Exception as exc:
+        raise ImageError("decode", f"cannot decode {img.format} image: {exc}") from exc
+    return img
+
+
+def _load(img: Image.Image, max_pixels: int) -> None:
+    """Decode the pixels; ImageError for a truncated, corrupt or oversized image."""
+    try:
         img.load()
     except Image.DecompressionBombError as exc:
         raise ImageError("decompression_bomb", str(exc)) from exc
@@ -122,7 +171,6 @@ def _decode(
         raise ImageError("decode", f"cannot decode {img.format} image: {exc}") from exc
     # Some formats (ICO, GIF frames) settle their size only when loaded.
     _check_pixels(img, max_pixels)
-    return img
 
 
 def _quiet_pillow() -> None:

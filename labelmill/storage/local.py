@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from labelmill.errors import ImageError, StorageUnavailable, UsageError
 from labelmill.storage.uris import ObjectInfo
@@ -126,7 +126,9 @@ class LocalFiles:
             return None
         return ObjectInfo(uri=_uri(path), size=st.st_size, etag=local_etag(st))
 
-    def get(self, path: str, max_bytes: int) -> tuple[bytes, str | None]:
+    def get(
+        self, path: str, max_bytes: int, admit: Callable[[int], None] | None = None
+    ) -> tuple[bytes, str | None]:
         """The file's bytes and etag; :class:`ImageError` for per-file failures."""
         uri = _uri(path)
         try:
@@ -144,6 +146,8 @@ class LocalFiles:
                 raise ImageError(
                     "too_large", f"{uri} has {st.st_size} bytes, over the cap {max_bytes}"
                 )
+            if admit is not None:
+                admit(st.st_size)
             data = _read_fd(fd, max_bytes + 1)  # the file may have grown since fstat
         except OSError as exc:
             raise _image_error(exc, uri) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from labelmill.errors import ImageError, UsageError
 from labelmill.settings import Settings
@@ -70,7 +70,9 @@ class MemoryStorage:
         listing = self.list(prefix_uri, start_after=start_after)
         return (info.uri for info in listing)
 
-    def get(self, uri: str, *, max_bytes: int) -> tuple[bytes, str | None]:
+    def get(
+        self, uri: str, *, max_bytes: int, admit: Callable[[int], None] | None = None
+    ) -> tuple[bytes, str | None]:
         """Like :meth:`Storage.get`: ImageError for missing, refused or oversized objects."""
         try:
             normal = normalise_uri(uri)
@@ -88,6 +90,8 @@ class MemoryStorage:
             raise ImageError(
                 "too_large", f"{normal} has {len(data)} bytes, over the cap {max_bytes}"
             )
+        if admit is not None:
+            admit(len(data))
         return data, self._etag(data)
 
     def read(self, uri: str) -> bytes | None:

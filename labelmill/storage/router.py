@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +23,9 @@ class ObjectStore(Protocol):
 
     def list_uris(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[str]: ...
 
-    def get(self, uri: str, *, max_bytes: int) -> tuple[bytes, str | None]: ...
+    def get(
+        self, uri: str, *, max_bytes: int, admit: Callable[[int], None] | None = None
+    ) -> tuple[bytes, str | None]: ...
 
     def read(self, uri: str) -> bytes | None: ...
 
@@ -114,11 +116,15 @@ class Storage:
             raise UsageError(f"start_after {start_after!r} is not in {prefix_uri!r}")
         return file_path(prefix), file_path(after) if after else None
 
-    def get(self, uri: str, *, max_bytes: int) -> tuple[bytes, str | None]:
+    def get(
+        self, uri: str, *, max_bytes: int, admit: Callable[[int], None] | None = None
+    ) -> tuple[bytes, str | None]:
         """An input object's bytes and etag, at most ``max_bytes`` of them.
 
         Per-object failures raise :class:`ImageError` (``not_found``,
         ``forbidden``, ``too_large``); outages raise ``StorageUnavailable``.
+        ``admit(size)`` is called once the size is known and before the body
+        is read (a memory budget may make it wait).
         """
         try:
             normal = normalise_uri(uri)
@@ -129,8 +135,8 @@ class Storage:
             raise ImageError("forbidden", reason)
         if normal.startswith("s3://"):
             bucket, key = split_s3(normal)
-            return self._s3.get(bucket, key, max_bytes)
-        return self._local.get(file_path(normal), max_bytes)
+            return self._s3.get(bucket, key, max_bytes, admit)
+        return self._local.get(file_path(normal), max_bytes, admit)
 
     def read(self, uri: str) -> bytes | None:
         """One of labelmill's own files (job spec, part file), or None when missing."""

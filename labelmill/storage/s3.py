@@ -190,7 +190,9 @@ class S3Objects:
                 upcoming = ahead.submit(fetch)
                 yield page
 
-    def get(self, bucket: str, key: str, max_bytes: int) -> tuple[bytes, str | None]:
+    def get(
+        self, bucket: str, key: str, max_bytes: int, admit: Callable[[int], None] | None = None
+    ) -> tuple[bytes, str | None]:
         uri = f"s3://{bucket}/{key}"
         try:
             response = self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
@@ -207,6 +209,8 @@ class S3Objects:
             length = int(response.get("ContentLength") or 0)
             if length > max_bytes:
                 raise ImageError("too_large", f"{uri} has {length} bytes, over the cap {max_bytes}")
+            if admit is not None:
+                admit(length or max_bytes)
             data = self._call(uri, lambda: _read_capped(body, max_bytes + 1))
         finally:
             body.close()  # an unread body must not keep its pooled connection
