@@ -9,6 +9,8 @@ Keys (prefix ``p``, default ``labelmill``)::
     p:job:<id>:dead         set of batch numbers declared dead
     p:job:<id>:attempts     hash  batch number -> deliveries
     p:outstanding           zset  "<job>:<batch>" -> enqueue time (KEDA reads ZCARD)
+    p:producers             zset  job id -> lease expiry of its running producer
+                                  (labelmill/orphans.py)
 
 Every counter update that could race goes through a Lua script, so a
 redelivered batch never double-counts and exactly one caller learns that a
@@ -159,6 +161,10 @@ class Ledger:
         return f"{self.p}:outstanding"
 
     @property
+    def producers_key(self) -> str:
+        return f"{self.p}:producers"
+
+    @property
     def jobs_key(self) -> str:
         return f"{self.p}:jobs"
 
@@ -238,6 +244,32 @@ class Ledger:
         now = time.time()
         try:
             self.r.zadd(self.outstanding_key, {self.member(job_id, b): now for b in batch_nos})
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def hold_producer(self, job_id: str, lease_s: float) -> None:
+        """A producer is enqueuing ``job_id``, for ``lease_s`` more seconds (renew it)."""
+        try:
+            self.r.zadd(self.producers_key, {job_id: time.time() + lease_s})
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def release_producer(self, job_id: str) -> None:
+        try:
+            self.r.zrem(self.producers_key, job_id)
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def expired_producers(self, now: float) -> list[str]:
+        """Jobs whose producer stopped renewing its lease before ``now``."""
+        try:
+            return [str(j) for j in self.r.zrangebyscore(self.producers_key, "-inf", now)]
+        except redis.RedisError as exc:
+            raise _wrap(exc) from None
+
+    def is_outstanding(self, job_id: str, batch_no: int) -> bool:
+        try:
+            return self.r.zscore(self.outstanding_key, self.member(job_id, batch_no)) is not None
         except redis.RedisError as exc:
             raise _wrap(exc) from None
 
@@ -327,9 +359,9 @@ class Ledger:
             raise _wrap(exc) from None
         return bool(counted), bool(claimed)
 
-    def drop_outstanding(self, job_id: str, batch_no: int) -> None:
+    def drop_outstanding(self, job_id: str, *batch_nos: int) -> None:
         try:
-            self.r.zrem(self.outstanding_key, self.member(job_id, batch_no))
+            self.r.zrem(self.outstanding_key, *(self.member(job_id, b) for b in batch_nos))
         except redis.RedisError as exc:
             raise _wrap(exc) from None
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
 
-from labelmill.errors import JobNotFound, UsageError
+from labelmill import orphans
+from labelmill.errors import JobNotFound, LedgerUnavailable, UsageError
 from labelmill.jobs import new_job_id, write_job_file, write_manifest
-from labelmill.ledger import JobSpec, Ledger
+from labelmill.ledger import JobCounts, JobSpec, Ledger
 from labelmill.queue import send_batch
 from labelmill.storage import ObjectStore, normalise_uri
 from producer.listing import Batch, batch_uris, last_batch
@@ -160,6 +162,51 @@ def enqueue(
             resumed=True,
         )
 
+    with producer_lease(ledger, job_id):
+        return _send(storage, ledger, app, spec, counts, max_outstanding, resumed, progress)
+
+
+@contextlib.contextmanager
+def producer_lease(ledger: Ledger, job_id: str, lease_s: float = orphans.LEASE_S) -> Iterator[None]:
+    """Hold the job's producer lease, renewed every ``lease_s / 3``, for the block.
+
+    A producer killed mid-group leaves batches outstanding with no message;
+    once its lease lapses, workers drop them (labelmill/orphans.py).
+    """
+    ledger.hold_producer(job_id, lease_s)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                ledger.hold_producer(job_id, lease_s)
+            except LedgerUnavailable as exc:  # the lease covers two misses
+                log.warning("could not renew the producer lease of %s: %s", job_id, exc)
+
+    thread = threading.Thread(target=renew, name="producer-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(LedgerUnavailable):
+            ledger.release_producer(job_id)
+
+
+def _send(
+    storage: ObjectStore,
+    ledger: Ledger,
+    app: Celery,
+    spec: JobSpec,
+    counts: JobCounts,
+    max_outstanding: int,
+    resumed: bool,
+    progress: Progress | None,
+) -> EnqueueResult:
+    """List from the recorded position and send the job's remaining batches."""
+    job_id = spec.job_id
+    source, output = spec.input, spec.output
     listing = storage.list_uris(source, start_after=counts.last_key or None)
     sent = 0
     tail: Batch | None = None
@@ -233,7 +280,7 @@ def enqueue(
 # Redis round trips (window, outstanding, message, position); per group it
 # makes four in all (one ZADD, one pipelined publish). Small windows keep
 # groups small so that the window still fills one batch at a time.
-GROUP_BATCHES = 16
+GROUP_BATCHES = orphans.MAX_GROUP
 
 
 def _group_size(max_outstanding: int) -> int:

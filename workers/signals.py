@@ -8,7 +8,9 @@ Kept out of the task body (dramatiq keeps such concerns in middleware):
 - ``worker_ready`` (main process, pool and consumer started): touch the
   heartbeat file, start the thread that keeps the messages this worker holds
   from being redelivered (``workers.visibility``) and, when
-  ``LABELMILL_METRICS_PORT`` is set, start the Prometheus endpoint. Starting
+  ``LABELMILL_METRICS_PORT`` is set, start the Prometheus endpoint; and the
+  sweep that drops what dead producers marked outstanding but never sent
+  (``labelmill.orphans``). Starting
   it here, after the fork, keeps the server thread in the main process only;
   pool children write their values to the multiprocess folder and the
   endpoint sums them.
@@ -106,6 +108,30 @@ def _ready(**_: Any) -> None:
         except OSError as exc:  # port taken: run without metrics rather than not at all
             log.error("metrics endpoint on :%d: %s", settings.metrics_port, exc)
     start_visibility_refresher(settings.redis_url, settings.visibility_timeout_s)
+    start_orphan_sweeper(settings.redis_url, settings.key_prefix)
+
+
+def start_orphan_sweeper(redis_url: str, key_prefix: str) -> None:
+    """Each lease period, drop what dead producers marked but never sent (labelmill/orphans)."""
+    import threading
+
+    import redis
+
+    from labelmill.errors import LabelmillError
+    from labelmill.ledger import Ledger
+    from labelmill.orphans import LEASE_S, drop_orphans
+
+    ledger = Ledger.from_url(redis_url, prefix=key_prefix)
+
+    def loop() -> None:
+        while True:
+            try:
+                drop_orphans(ledger)
+            except (LabelmillError, redis.RedisError) as exc:  # Redis down: next round
+                log.warning("orphan sweep: %s", exc)
+            time.sleep(LEASE_S)
+
+    threading.Thread(target=loop, name="orphans", daemon=True).start()
 
 
 def start_visibility_refresher(redis_url: str, visibility_timeout_s: float) -> None:

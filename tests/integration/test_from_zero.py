@@ -130,8 +130,10 @@ def test_a_producer_killed_while_it_waits_leaves_work_that_completes_and_resumes
         if producer.poll() is None:
             producer.kill()
             producer.wait()
-    # What it sent is still outstanding (KEDA keeps both tiers up for it) ...
+    # What it sent is still outstanding (KEDA keeps both tiers up for it),
+    # and its lease is left to lapse (labelmill/orphans.py) ...
     assert len(list(p.ledger.outstanding_batches(job))) == 2
+    assert p.ledger.r.zscore(p.ledger.producers_key, job) is not None
     server = start_model_server(two_versions, tmp_path / "model.log", port=port)
     try:
         # ... and completes once the model tier is up.
@@ -146,6 +148,7 @@ def test_a_producer_killed_while_it_waits_leaves_work_that_completes_and_resumes
         assert p.ledger.counts(job).state == "enqueuing"
         # The same command resumes the job after its last sent batch.
         p.producer(*args)
+        assert p.ledger.r.zscore(p.ledger.producers_key, job) is None, "lease released"
         p.wait_done(job, timeout=240)
     finally:
         server.proc.stop()
