@@ -203,6 +203,8 @@ def enqueue(
                 resolve_version=e.version_now,
                 job_id=job_id,
                 progress=progress,
+                # Workers wait this long for a version; so does a full window.
+                model_wait_s=s.retry_budget_s,
             )
     if as_json:
         print(json.dumps(result.as_dict()))

@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 
 from labelmill import orphans
-from labelmill.errors import JobNotFound, LedgerUnavailable, UsageError
+from labelmill.errors import JobNotFound, LedgerUnavailable, ModelUnavailable, UsageError
 from labelmill.jobs import new_job_id, write_job_file, write_manifest
 from labelmill.ledger import JobCounts, JobSpec, Ledger
 from labelmill.queue import send_batch
@@ -79,16 +79,39 @@ def dry_run(storage: ObjectStore, source: str, batch_size: int) -> EnqueueResult
 
 
 def wait_for_room(
-    ledger: Ledger, job_id: str, max_outstanding: int, *, poll_s: float = 0.2
+    ledger: Ledger,
+    job_id: str,
+    max_outstanding: int,
+    *,
+    model_wait_s: float | None = None,
+    poll_s: float = 0.2,
 ) -> None:
-    """Block until fewer than ``max_outstanding`` of the job's batches are in flight."""
+    """Block until fewer than ``max_outstanding`` of the job's batches are in flight.
+
+    With ``model_wait_s``: raise :class:`ModelUnavailable` when the window
+    stays full that long while the job still has no model version (no model
+    server ever served one), rather than wait for ever.
+    """
     delay = poll_s
+    started = time.monotonic()
     while True:
         state, in_flight = ledger.window(job_id)
         if state == "cancelled":
             raise Cancelled(job_id)
         if in_flight < max_outstanding:
             return
+        waited = time.monotonic() - started
+        if (
+            model_wait_s is not None
+            and waited > model_wait_s
+            and ledger.counts(job_id).spec.model_version is None
+        ):
+            raise ModelUnavailable(
+                f"no model version became AVAILABLE within {model_wait_s:g}s; job {job_id} "
+                f"is left resumable ({in_flight} batches sent wait for one, then turn dead: "
+                f"`producer retry {job_id}`); the same `producer enqueue` with "
+                f"--job-id {job_id} sends the rest"
+            )
         time.sleep(delay)
         delay = min(delay * 1.5, 2.0)
 
@@ -106,6 +129,7 @@ def enqueue(
     resolve_version: Callable[[], int | None],
     job_id: str | None = None,
     progress: Progress | None = None,
+    model_wait_s: float | None = None,
 ) -> EnqueueResult:
     """Create (or resume) a job and send all of its batches.
 
@@ -163,7 +187,9 @@ def enqueue(
         )
 
     with producer_lease(ledger, job_id):
-        return _send(storage, ledger, app, spec, counts, max_outstanding, resumed, progress)
+        return _send(
+            storage, ledger, app, spec, counts, max_outstanding, resumed, progress, model_wait_s
+        )
 
 
 @contextlib.contextmanager
@@ -203,6 +229,7 @@ def _send(
     max_outstanding: int,
     resumed: bool,
     progress: Progress | None,
+    model_wait_s: float | None,
 ) -> EnqueueResult:
     """List from the recorded position and send the job's remaining batches."""
     job_id = spec.job_id
@@ -218,7 +245,7 @@ def _send(
         if not group:
             return
         # Room for the whole group at once: the window still holds.
-        wait_for_room(ledger, job_id, max_outstanding - len(group) + 1)
+        wait_for_room(ledger, job_id, max_outstanding - len(group) + 1, model_wait_s=model_wait_s)
         # Per group, the same order as per batch: every batch outstanding
         # before its message exists (a fast worker cannot remove it before
         # it is added), the position after all were sent, so a crash in

@@ -115,9 +115,11 @@ def _parse_value(name: str, kind: type, raw: str | None) -> Any:
     if kind is bool:
         if raw is None:
             return True
-        if raw in ("true", "1"):
+        # tensorflow/core/util/command_line_flags.cc ParseBoolFlag: exactly
+        # "=true" or "=false"; "=1", "=True" are parse errors.
+        if raw == "true":
             return True
-        if raw in ("false", "0"):
+        if raw == "false":
             return False
     elif raw is not None:
         try:
@@ -254,6 +256,15 @@ def load_models(flags: dict[str, Any]) -> list[ModelSpec]:
             raise TfsConfigError(
                 f"model {c.name}: base_path {c.base_path} is a URI; serving local reads "
                 "local folders only (not supported here)"
+            )
+        for label, version in sorted(c.version_labels.items()):
+            # server_core.cc ServerCore::ReloadConfig runs UpdateModelVersionLabelMap
+            # before it adds the models, so on the first config no version is
+            # loaded yet and every label is refused (unless
+            # --allow_version_labels_for_unavailable_models, not supported here).
+            raise TfsConfigError(
+                f"Request to assign label to version {version} of model {c.name}, which is "
+                f"not currently available for inference (label {label!r})"
             )
         choose, policy = _version_policy(c)
         specs.append(ModelSpec(c.name, Path(c.base_path), choose, policy))

@@ -155,3 +155,26 @@ def test_a_producer_killed_while_it_waits_leaves_work_that_completes_and_resumes
     checked = check_job(p, job, inputs, output)
     assert {r["model"]["version"] for r in checked.output.lines} == {2}
     assert max(checked.ledger_attempts.values()) == 1, "no batch ran twice"
+
+
+def test_a_full_window_with_no_model_version_gives_up_leaving_the_job_resumable(
+    pipeline_factory: Callable[..., Pipeline],
+    redis_url: str,
+    s3_server: Any,
+    s3_bucket: str,
+) -> None:
+    p, _port = at_zero(pipeline_factory, redis_url, s3_server, s3_bucket)
+    p.env["LABELMILL_RETRY_BUDGET_S"] = "3"  # how long anyone waits for a version
+    put_many(p, tiny_photos("never/", 3))
+    job = "j-no-model-ever"
+    args = ["enqueue", f"s3://{s3_bucket}/never/", "--output", f"s3://{s3_bucket}/labels"]
+    args += ["--job-id", job, "--batch-size", "1", "--max-outstanding", "1"]
+    res = p.producer(*args, check=False, timeout=60)
+    assert res.returncode == 3, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert "no model version became AVAILABLE within 3s" in last
+    assert f"--job-id {job}" in last
+    assert "Traceback" not in res.stderr
+    counts = p.ledger.counts(job)
+    assert (counts.state, counts.batches_sent) == ("enqueuing", 1)
+    assert p.ledger.r.zscore(p.ledger.producers_key, job) is None, "lease released"

@@ -63,7 +63,9 @@ def test_flag_forms_follow_tensorflows_parser() -> None:
     assert rest == ["--model_name", "m", "--frobnicate=1"]
 
 
-@pytest.mark.parametrize("arg", ["--port=eighty", "--enable_batching=yes", "--port="])
+@pytest.mark.parametrize(
+    "arg", ["--port=eighty", "--enable_batching=yes", "--enable_batching=1", "--port="]
+)
 def test_values_that_do_not_parse_are_refused(arg: str) -> None:
     with pytest.raises(TfsConfigError, match="Couldn't interpret value"):
         parse_flags([arg])
@@ -164,6 +166,13 @@ def test_batching_file_without_enable_batching_is_refused(tmp_path: Path) -> Non
         (MODELS + MODELS, "Invalid protobuf file"),  # model_config_list twice
         (MODELS.replace('"tensorflow"', '"onnx"'), "requests unsupported platform onnx"),
         (MODELS.replace('model_platform: "tensorflow"', ""), "Illegal setting neither"),
+        (
+            MODELS.replace(
+                'model_platform: "tensorflow"',
+                'model_platform: "tensorflow" version_labels { key: "stable" value: 1 }',
+            ),
+            "Request to assign label to version 1 of model inception, which is not currently",
+        ),
     ],
 )
 def test_model_config_rules(tmp_path: Path, models: str, message: str) -> None:
