@@ -97,9 +97,9 @@ def summary(
         f"{images['total']} enqueued"
     )
     model = status["model"]
-    console.print(
-        f"model {model['name']} version {model['version']} weights {model['weights'] or '?'}"
-    )
+    # None until the job's first batch meets an AVAILABLE model server.
+    version = model["version"] if model["version"] is not None else "not pinned yet"
+    console.print(f"model {model['name']} version {version} weights {model['weights'] or '?'}")
     if model.get("note"):
         console.print(f"[yellow]{model['note']}[/]")
     top: Counter[str] = Counter()
