@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "labelmill needs Python >= 3.11"'
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[serving,flower,dev]'
+	$(BIN)/pip install --quiet -e '.[serving,flower,cluster,dev]'
 	touch $(STAMP)
 
 install: $(STAMP) system-deps

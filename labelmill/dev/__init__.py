@@ -1,0 +1,1 @@
+"""Development tools: the local cluster that runs k8s/ and keda/ as processes."""

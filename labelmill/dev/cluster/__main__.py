@@ -1,0 +1,194 @@
+"""``python -m labelmill.dev.cluster``: up, down, status, kill, delete.
+
+Exit codes: 0 ok, 1 the request failed (no such pod), 2 bad usage,
+3 the cluster is not running or did not answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
+DOWN_TIMEOUT_S = 300.0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m labelmill.dev.cluster", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    up = sub.add_parser("up", help="run k8s/ and keda/ in the foreground")
+    up.add_argument("--dir", type=Path, required=True)
+    up.add_argument("--time-scale", type=float, default=1.0, help="KEDA/HPA times divided by N")
+    up.add_argument("--model-arch", choices=["tiny", "inception_v3"], default="tiny")
+    up.add_argument("--k8s", type=Path, default=Path("k8s"))
+    up.add_argument("--keda", type=Path, default=Path("keda"))
+    for name, text in (("down", "stop a running up"), ("status", "replicas, readiness, scalers")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--dir", type=Path, required=True)
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+    kill = sub.add_parser("kill", help="SIGKILL one container's process group")
+    kill.add_argument("--dir", type=Path, required=True)
+    kill.add_argument("pod")
+    kill.add_argument("--container")
+    delete = sub.add_parser("delete", help="delete a pod gracefully")
+    delete.add_argument("--dir", type=Path, required=True)
+    delete.add_argument("pod")
+    return parser
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs: it exists and is not a zombie waiting for its parent to reap it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: existence is all we can tell
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _up_pid(root: Path) -> int | None:
+    try:
+        pid = int(json.loads((root / "cluster.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _up(args: argparse.Namespace) -> int:
+    from labelmill.dev.cluster.runtime import Cluster, ClusterError
+
+    if args.time_scale <= 0:
+        print("cluster: error: --time-scale must be > 0", file=sys.stderr)
+        return EXIT_USAGE
+    for path in (args.k8s, args.keda):
+        if not path.is_dir():
+            print(f"cluster: error: {path} is not a folder", file=sys.stderr)
+            return EXIT_USAGE
+    pid = _up_pid(args.dir)
+    if pid is not None and pid != os.getpid():
+        print(f"cluster: error: already running in {args.dir} (pid {pid})", file=sys.stderr)
+        return EXIT_USAGE
+    cluster = Cluster(
+        args.dir, k8s=args.k8s, keda=args.keda, time_scale=args.time_scale,
+        model_arch=args.model_arch,
+    )  # fmt: skip
+
+    def stop(*_: object) -> None:
+        cluster.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return cluster.up()
+    except ClusterError as exc:
+        print(f"cluster: error: {exc}", file=sys.stderr)
+        return EXIT_SERVICE
+
+
+def _down(root: Path) -> int:
+    pid = _up_pid(root)
+    if pid is None:
+        print(f"no cluster running in {root}")
+        return EXIT_OK
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + DOWN_TIMEOUT_S
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            print(
+                f"cluster: error: pid {pid} still running after {DOWN_TIMEOUT_S:g}s",
+                file=sys.stderr,
+            )
+            return EXIT_SERVICE
+        time.sleep(0.2)
+    print("cluster stopped")
+    return EXIT_OK
+
+
+def _pod_line(pod: dict[str, Any]) -> str:
+    """One row of ``kubectl get pods``: name, phase, ready containers, restarts, last exit."""
+    containers = [c for c in pod["containers"].values() if not c["init"] or c.get("sidecar")]
+    ready = sum(1 for c in containers if c["ready"])
+    exits = [
+        f"{name} {c['last_reason']} ({c['last_exit']})"
+        for name, c in pod["containers"].items()
+        if c.get("last_reason") and not (c["init"] and c["last_exit"] == 0)
+    ]
+    return (
+        f"  {pod['name']:<34} {pod['phase']:<12} {ready}/{len(containers)} ready  "
+        f"restarts {pod['restarts']:<3} last exit: {', '.join(exits) or '-'}"
+    )
+
+
+def _status(root: Path, as_json: bool) -> int:
+    path = root / "status.json"
+    if _up_pid(root) is None or not path.exists():
+        print(f"cluster: error: no cluster running in {root}", file=sys.stderr)
+        return EXIT_SERVICE
+    status: dict[str, Any] = json.loads(path.read_text())
+    if as_json:
+        print(json.dumps(status, sort_keys=True))
+        return EXIT_OK
+    for name, d in status["deployments"].items():
+        print(f"{d['kind'].lower()}/{name}: {d['ready']}/{d['replicas']} ready")
+        for pod in d["pods"]:
+            print(_pod_line(pod))
+    for name, s in status["scaledobjects"].items():
+        print(
+            f"scaledobject/{name}: metric {s.get('metric')} active {s.get('active')} "
+            f"desired {s.get('desired')}"
+        )
+    print(f"outstanding batches: {status['outstanding']}")
+    return EXIT_OK
+
+
+def _ask(root: Path, body: dict[str, Any]) -> int:
+    from labelmill.dev.cluster.runtime import ClusterError, request
+
+    if _up_pid(root) is None:
+        print(f"cluster: error: no cluster running in {root}", file=sys.stderr)
+        return EXIT_SERVICE
+    try:
+        answer = request(root, body)
+    except ClusterError as exc:
+        print(f"cluster: error: {exc}", file=sys.stderr)
+        return EXIT_SERVICE
+    if not answer.get("ok"):
+        print(f"cluster: error: {answer.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(answer, sort_keys=True))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "up":
+        return _up(args)
+    if args.command == "down":
+        return _down(args.dir)
+    if args.command == "status":
+        return _status(args.dir, args.json)
+    if args.command == "kill":
+        return _ask(args.dir, {"op": "kill", "pod": args.pod, "container": args.container})
+    return _ask(args.dir, {"op": "delete", "pod": args.pod})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""``k8s/`` alone on the local cluster: every pod runs, a job completes, ``down`` stops all.
+
+Without ``keda/`` nothing sets the replica counts, so each Deployment runs
+what the API server would give it: ``spec.replicas``, or 1 where the
+manifest leaves it out (the same as ``kubectl apply -f k8s/`` on a real
+cluster before KEDA is installed).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import yaml
+
+from tests import images
+from tests.dev.cluster import CLI, REPO, Cluster, alive
+from tests.fixtures.procs import wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.integration]
+
+
+def _expected_replicas() -> dict[str, int]:
+    """Each workload of k8s/ and the count the API server gives it (defaults.go: 1)."""
+    out = {}
+    for path in sorted((REPO / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") in ("Deployment", "StatefulSet"):
+                out[doc["metadata"]["name"]] = int(doc["spec"].get("replicas", 1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    no_keda = tmp_path_factory.mktemp("no-keda")
+    c = Cluster(tmp_path_factory.mktemp("cluster") / "c", "--keda", str(no_keda))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def test_every_workload_runs_its_replicas_and_reports_ready(cluster: Cluster) -> None:
+    c = cluster
+    expected = _expected_replicas()
+    assert expected, "k8s/ declares no workload"
+
+    def all_ready() -> bool:
+        tiers = c.status()["deployments"]
+        return all(tiers[n]["ready"] == k for n, k in expected.items())
+
+    c.wait(all_ready, timeout=120, what="every workload ready")
+    tiers = c.status()["deployments"]
+    assert {n: t["replicas"] for n, t in tiers.items()} == expected
+    res = subprocess.run(
+        [*CLI, "status", "--dir", str(c.root)], cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    for name, tier in tiers.items():
+        for pod in tier["pods"]:
+            line = next(x for x in res.stdout.splitlines() if pod["name"] in x)
+            assert "Running" in line and "restarts 0" in line, res.stdout
+        assert f"/{name}: {expected[name]}/{expected[name]} ready" in res.stdout
+
+
+def test_a_job_enqueued_with_dir_env_gets_one_line_per_image(cluster: Cluster) -> None:
+    c = cluster
+    photos = {f"in/img-{i:02d}.jpg": images.jpeg(320, 240, seed=i) for i in range(9)}
+    bucket = c.bucket_of_images(photos)
+    job, result, _ = c.enqueue(bucket, "--batch-size", "4")
+    assert result["model_version"] == 1
+    c.wait_done(job, timeout=120)
+    uris = Counter(str(line["uri"]) for line in c.lines(bucket, job))
+    assert uris == Counter(f"s3://{bucket}/{key}" for key in photos)
+    assert c.job_status(job)["images"]["ok"] == len(photos)
+
+
+def test_a_killed_container_is_restarted_and_status_says_how_it_ended(cluster: Cluster) -> None:
+    c = cluster
+    (pod,) = c.ready_pods("workers")
+    c.ctl("kill", pod, "--container", "worker")
+
+    def restarted() -> dict[str, object] | None:
+        found = [p for p in c.tier("workers")["pods"] if p["name"] == pod]
+        worker = found[0]["containers"]["worker"] if found else None
+        return worker if worker and worker["restarts"] == 1 and found[0]["ready"] else None
+
+    worker = c.wait(restarted, timeout=120, what=f"{pod} restarted and ready")
+    # SIGKILL: the runtime reports 128 + 9, and the kubelet the reason Error.
+    assert worker["last_exit"] == 137 and worker["last_reason"] == "Error"
+
+
+def test_down_stops_every_process_it_started(cluster: Cluster) -> None:
+    c = cluster
+    pids = c.pids()
+    assert len(pids) > 2
+    # Idle workers wait out Celery's soft shutdown (60 s, labelmill/queue.py) too.
+    c.ctl("down", timeout=200)
+    assert c.proc is not None and c.proc.wait(timeout=30) == 0
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=30, what="every pod gone")
+    assert not (c.root / "ready").exists()
