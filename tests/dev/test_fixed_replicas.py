@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import yaml
@@ -35,7 +36,11 @@ def _expected_replicas() -> dict[str, int]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     no_keda = tmp_path_factory.mktemp("no-keda")
-    c = Cluster(tmp_path_factory.mktemp("cluster") / "c", "--keda", str(no_keda))
+    # A node with room for one pod of each workload (their requests add up to
+    # about 6Gi); what a node too small does is tested with the autoscaler.
+    c = Cluster(
+        tmp_path_factory.mktemp("cluster") / "c", "--keda", str(no_keda), "--node-memory", "8Gi"
+    )
     try:
         c.start()
         yield c
@@ -65,6 +70,28 @@ def test_every_workload_runs_its_replicas_and_reports_ready(cluster: Cluster) ->
             line = next(x for x in res.stdout.splitlines() if pod["name"] in x)
             assert "Running" in line and "restarts 0" in line, res.stdout
         assert f"/{name}: {expected[name]}/{expected[name]} ready" in res.stdout
+
+
+def test_every_container_runs_in_the_nodes_memory_cgroup(cluster: Cluster) -> None:
+    """kubepods at the node's allocatable memory, each container below it at its limit."""
+    node = cluster.status()["node"]
+    root = node["memory_cgroup"]
+    if root is None:
+        pytest.skip("no memory cgroup can be made here (up said so)")
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    limit = Path(root, "memory.max" if v2 else "memory.limit_in_bytes").read_text()
+    assert int(limit) == node["allocatable"]["memory"]
+    containers = [
+        (pod["name"], name, c["pid"])
+        for tier in cluster.status()["deployments"].values()
+        for pod in tier["pods"]
+        for name, c in pod["containers"].items()
+        if c["pid"]
+    ]
+    assert containers
+    for pod, name, pid in containers:
+        own = Path(f"/proc/{pid}/cgroup").read_text()
+        assert f"/pod-{pod}/{name}\n" in own, (pod, name, own)
 
 
 def test_a_job_enqueued_with_dir_env_gets_one_line_per_image(cluster: Cluster) -> None:

@@ -15,8 +15,20 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from labelmill.dev.cluster.node import (
+    QuantityError,
+    Resources,
+    cpu_millis,
+    format_bytes,
+    machine_memory_available,
+    memory_bytes,
+)
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
 DOWN_TIMEOUT_S = 300.0
+# A node's CPU is declared, not reserved: on one machine every pod shares its
+# cores, so the default only has to let the manifests' requests fit.
+DEFAULT_NODE_CPU = "16"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--dir", type=Path, required=True)
     up.add_argument("--time-scale", type=float, default=1.0, help="KEDA/HPA times divided by N")
     up.add_argument("--model-arch", choices=["tiny", "inception_v3"], default="tiny")
+    up.add_argument(
+        "--node-cpu", default=DEFAULT_NODE_CPU,
+        help=f"the node's allocatable CPU, a Kubernetes quantity (default {DEFAULT_NODE_CPU})",
+    )  # fmt: skip
+    up.add_argument(
+        "--node-memory",
+        help="the node's allocatable memory, e.g. 8Gi; at most what this machine has "
+        "available (default: half of it)",
+    )
     up.add_argument("--k8s", type=Path, default=Path("k8s"))
     up.add_argument("--keda", type=Path, default=Path("keda"))
     for name, text in (("down", "stop a running up"), ("status", "replicas, readiness, scalers")):
@@ -72,11 +93,37 @@ def _up_pid(root: Path) -> int | None:
     return pid if _alive(pid) else None
 
 
+def _node(args: argparse.Namespace) -> Resources | str:
+    """The node's allocatable resources, or why the flags cannot be taken."""
+    available = machine_memory_available()
+    try:
+        cpu = cpu_millis(args.node_cpu)
+        memory = (
+            memory_bytes(args.node_memory)
+            if args.node_memory
+            else available // 2 // 2**28 * 2**28  # half, in steps of 256Mi
+        )
+    except QuantityError as exc:
+        return f"--node-cpu/--node-memory: {exc}"
+    if cpu <= 0 or memory <= 0:
+        return "--node-cpu and --node-memory must be > 0"
+    if memory > available:
+        return (
+            f"--node-memory {format_bytes(memory)} is more than this machine has available "
+            f"({format_bytes(available)}); a node may not promise memory it cannot give"
+        )
+    return Resources(cpu, memory)
+
+
 def _up(args: argparse.Namespace) -> int:
     from labelmill.dev.cluster.runtime import Cluster, ClusterError
 
     if args.time_scale <= 0:
         print("cluster: error: --time-scale must be > 0", file=sys.stderr)
+        return EXIT_USAGE
+    node = _node(args)
+    if isinstance(node, str):
+        print(f"cluster: error: {node}", file=sys.stderr)
         return EXIT_USAGE
     for path in (args.k8s, args.keda):
         if not path.is_dir():
@@ -88,7 +135,7 @@ def _up(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     cluster = Cluster(
         args.dir, k8s=args.k8s, keda=args.keda, time_scale=args.time_scale,
-        model_arch=args.model_arch,
+        model_arch=args.model_arch, node=node,
     )  # fmt: skip
 
     def stop(*_: object) -> None:
@@ -131,10 +178,11 @@ def _pod_line(pod: dict[str, Any]) -> str:
         for name, c in pod["containers"].items()
         if c.get("last_reason") and not (c["init"] and c["last_exit"] == 0)
     ]
-    return (
+    line = (
         f"  {pod['name']:<34} {pod['phase']:<12} {ready}/{len(containers)} ready  "
         f"restarts {pod['restarts']:<3} last exit: {', '.join(exits) or '-'}"
     )
+    return f"{line}  ({pod['reason']})" if pod.get("reason") else line
 
 
 def _status(root: Path, as_json: bool) -> int:
@@ -146,8 +194,17 @@ def _status(root: Path, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status, sort_keys=True))
         return EXIT_OK
+    node = status["node"]
+    have, asked = node["allocatable"], node["requested"]
+    print(
+        f"node {node['name']}: requested cpu {asked['cpu_m'] / 1000:g} "
+        f"of {have['cpu_m'] / 1000:g}, "
+        f"memory {format_bytes(asked['memory'])} of {format_bytes(have['memory'])}"
+        + (f"; memory cgroup {node['memory_cgroup']}" if node["memory_cgroup"] else "")
+    )
     for name, d in status["deployments"].items():
-        print(f"{d['kind'].lower()}/{name}: {d['ready']}/{d['replicas']} ready")
+        pending = f", {d['pending']} pending" if d["pending"] else ""
+        print(f"{d['kind'].lower()}/{name}: {d['ready']}/{d['replicas']} ready{pending}")
         for pod in d["pods"]:
             print(_pod_line(pod))
     for name, s in status["scaledobjects"].items():

@@ -117,6 +117,10 @@ class Workload:
     def ready_count(self) -> int:
         return sum(1 for p in self.active() if p.is_ready())
 
+    def pending_count(self) -> int:
+        """Pods the scheduler has not placed (yet)."""
+        return sum(1 for p in self.active() if not p.bound)
+
     def reconcile(self, make_pod: PodFactory, log: Callable[[str], None]) -> None:
         self.pods = [p for p in self.pods if not p.terminated.is_set()]
         if self.kind == "StatefulSet":

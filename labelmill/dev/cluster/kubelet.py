@@ -49,6 +49,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from labelmill.dev.cluster import expansion
+from labelmill.dev.cluster.node import (
+    MemoryCgroups,
+    Resources,
+    container_resources,
+    kill_all,
+    pod_memory_limit,
+    pod_resources,
+)
 from labelmill.dev.cluster.probes import Checks, ProbeSpec, ProbeWorker
 from labelmill.dev.cluster.substitutions import (
     NODE_ENV,
@@ -78,6 +86,7 @@ class PodContext:
     service_env: Mapping[str, str]
     literals: Mapping[str, str]
     log: Callable[[str], None]
+    cgroups: MemoryCgroups | None = None
 
 
 class Backoff:
@@ -165,6 +174,10 @@ class Pod:
         ]
         self.containers = [Container(c) for c in self.spec.get("containers", [])]
         self.sidecars = [c for c in self.init_containers if c.sidecar]
+        self.requests: Resources = pod_resources(self.spec)
+        self.bound = False  # the scheduler placed it on the node: only then it starts
+        self.unschedulable = ""  # why the scheduler could not place it (yet)
+        self.cgroup: Path | None = None
         self.grace_s = float(self.spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
         self.ports: dict[int, int] = {}
         self.port_names: dict[str, int] = {}
@@ -177,9 +190,17 @@ class Pod:
     def phase(self) -> str:
         if self.terminated.is_set():
             return "Succeeded"
+        if not self.bound:
+            return "Pending"
         return (
             "Running" if self.init_done and any(c.running() for c in self.containers) else "Pending"
         )
+
+    def gone(self) -> bool:
+        return self.terminated.is_set()
+
+    def being_deleted(self) -> bool:
+        return self.deleting.is_set()
 
     def is_ready(self) -> bool:
         ready = (
@@ -218,6 +239,8 @@ class Pod:
             "name": self.name,
             "phase": "Terminating" if self.deleting.is_set() else self.phase,
             "ready": self.is_ready(),
+            "node": NODE_NAME if self.bound else None,
+            "reason": "" if self.bound else f"Unschedulable: {self.unschedulable}",
             "restarts": self.restarts,
             "ports": {str(k): v for k, v in self.ports.items()},
             "containers": {
@@ -362,7 +385,11 @@ class Pod:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Placed on the node by the scheduler: the kubelet starts the pod."""
+        self.bound, self.unschedulable = True, ""
+        if self.ctx.cgroups is not None:
+            self.cgroup = self.ctx.cgroups.pod(self.name, pod_memory_limit(self.spec))
         thread = threading.Thread(target=self._run, name=f"pod-{self.name}", daemon=True)
         self._threads.append(thread)
         thread.start()
@@ -414,6 +441,7 @@ class Pod:
             c.state = "CreateContainerConfigError"
             self.ctx.log(f"pod {self.name}: container {c.name}: {exc}")
             return None
+        argv = self._in_cgroup(c, argv)
         log: IO[bytes] = open(self.dir / "logs" / f"{c.name}.log", "ab")  # noqa: SIM115
         log.write(f"--- start {time.strftime('%H:%M:%S')} {json.dumps(argv)}\n".encode())
         log.flush()
@@ -427,6 +455,17 @@ class Pod:
             c.proc, c.started_at, c.state = proc, time.monotonic(), "running"
         log.close()
         return proc, env, cwd, rewrite
+
+    def _container_cgroup(self, c: Container) -> Path | None:
+        if self.ctx.cgroups is None or self.cgroup is None:
+            return None
+        limit = container_resources(c.spec, "limits").memory or None
+        return self.ctx.cgroups.container(self.cgroup, c.name, limit)
+
+    def _in_cgroup(self, c: Container, argv: list[str]) -> list[str]:
+        """``argv`` run in the container's memory cgroup, where there is one."""
+        path = self._container_cgroup(c)
+        return argv if path is None else MemoryCgroups.wrap(path, argv)
 
     def _run_once(self, c: Container) -> int | None:
         spawned = self._spawn(c)
@@ -442,11 +481,16 @@ class Pod:
 
         The reason is the kubelet's (pkg/kubelet/kuberuntime/helpers.go
         ``toKubeContainerState`` / the CRI's ``Reason``): ``Completed`` for 0,
+        ``OOMKilled`` when the kernel killed in the container's memory cgroup,
         ``Error`` otherwise.
         """
         code = 128 - returncode if returncode < 0 else returncode
         c.last_exit = code
         c.last_reason = "Completed" if code == 0 else "Error"
+        cgroups, path = self.ctx.cgroups, self._container_cgroup(c)
+        oom = cgroups is not None and path is not None and cgroups.oom_killed_since_last(path)
+        if oom and code:
+            c.last_reason = "OOMKilled"
         return code
 
     def _supervise(self, c: Container) -> None:
@@ -477,7 +521,7 @@ class Pod:
 
         def exec_argv(command: Sequence[str]) -> list[str]:
             static = expansion.expand_command_static(command, c.spec)
-            return [rewrite(a) for a in local_argv(image, static, self.ports)]
+            return self._in_cgroup(c, [rewrite(a) for a in local_argv(image, static, self.ports)])
 
         checks = Checks(port=self.local_port, exec_argv=exec_argv, env=env, cwd=cwd)
         specs = [
@@ -555,7 +599,10 @@ class Pod:
                 image = image_for(str(c.spec.get("image", "")))
                 command = expansion.expand_command(hook["exec"]["command"], env)
                 local = [rewrite(a) for a in local_argv(image, command, self.ports)]
-                subprocess.run(local, env=env, cwd=cwd, timeout=budget, capture_output=True)
+                subprocess.run(
+                    self._in_cgroup(c, local), env=env, cwd=cwd, timeout=budget,
+                    capture_output=True,
+                )  # fmt: skip
             except Exception as exc:  # a failed hook is logged; the kill goes on
                 self.ctx.log(f"pod {self.name}: {c.name} preStop hook: {exc}")
 
@@ -586,6 +633,9 @@ class Pod:
             self._kill_container(c, "deleted", self.grace_s - (time.monotonic() - begin))
         for t in self._threads:
             t.join(timeout=15)
+        if self.cgroup is not None and self.ctx.cgroups is not None:
+            kill_all(self.cgroup)  # what escaped its process group (a daemonized child)
+            self.ctx.cgroups.remove(self.cgroup)
         self.terminated.set()
 
     def kill(self, container: str | None = None) -> str:

@@ -22,10 +22,19 @@ from labelmill.dev.cluster.controllers import Workload
 from labelmill.dev.cluster.expansion import service_env
 from labelmill.dev.cluster.kubelet import Pod, PodContext
 from labelmill.dev.cluster.manifests import fill_placeholders, load
+from labelmill.dev.cluster.node import (
+    CgroupError,
+    MemoryCgroups,
+    Node,
+    Resources,
+    kill_all,
+    schedule,
+)
 from labelmill.dev.cluster.proxy import ServiceProxy
 from labelmill.dev.cluster.substitutions import (
     MODELS_BUCKET,
     NODE_ENV,
+    NODE_NAME,
     PLACEHOLDER_BUCKETS,
     REPO_ROOT,
     VENV_BIN,
@@ -72,11 +81,14 @@ class Cluster:
         keda: Path,
         time_scale: float = 1.0,
         model_arch: str = "tiny",
+        node: Resources,
     ) -> None:
         self.root = root.resolve()
         self.k8s, self.keda = k8s, keda
         self.time_scale = time_scale
         self.model_arch = model_arch
+        self.node = Node(NODE_NAME, node)
+        self.cgroups: MemoryCgroups | None = None
         self.stop = threading.Event()
         self.t0 = time.monotonic()
         self._log_lock = threading.Lock()
@@ -104,6 +116,7 @@ class Cluster:
         (self.root / "events.jsonl").touch()
         self.m = load(self.k8s, self.keda, self.log)
         try:
+            self._start_node()
             self._start_s3()
             fill_placeholders(
                 self.m.secrets,
@@ -125,6 +138,19 @@ class Cluster:
         finally:
             self.shutdown()
         return 0
+
+    def _start_node(self) -> None:
+        """Announce the node, and make ``kubepods``: every pod's memory, capped at allocatable."""
+        self.log(f"node {self.node.name}: allocatable {self.node.allocatable.describe()}")
+        try:
+            self.cgroups = MemoryCgroups(self.node.allocatable.memory)
+        except CgroupError as exc:
+            self.log(
+                f"node: {exc}. Containers run without memory limits; the scheduler still "
+                "places pods only while their memory requests fit the node."
+            )
+            return
+        self.log(f"node: pods run in memory cgroup {self.cgroups.root}")
 
     def _s3_env(self) -> dict[str, str]:
         return {
@@ -251,6 +277,7 @@ class Cluster:
             service_env=self.service_environment,
             literals=dict(PLACEHOLDER_BUCKETS),
             log=self.log,
+            cgroups=self.cgroups,
         )
         self.workloads = [Workload(doc) for doc in self.m.workloads]
         for w in self.workloads:
@@ -265,9 +292,13 @@ class Cluster:
 
     def _make_pod(self, name: str, workload: Workload) -> Pod:
         claims = {c: self.root / "pvc" / f"{c}-{name}" for c in workload.claim_templates}
-        pod = Pod(name, workload.name, workload.template, self.ctx, claims=claims)
-        pod.start()
-        return pod
+        return Pod(name, workload.name, workload.template, self.ctx, claims=claims)
+
+    def _schedule(self) -> None:
+        pods = [p for w in self.workloads for p in w.pods]
+        for pod in schedule(self.node, pods):
+            self.log(f"pod {pod.name}: Pending ({pod.unschedulable}; requests "
+                     f"{pod.requests.describe()})")  # fmt: skip
 
     # ------------------------------------------------------------ addresses
 
@@ -312,6 +343,7 @@ class Cluster:
         while not self.stop.is_set():
             for w in self.workloads:
                 w.reconcile(self._make_pod, self.log)
+            self._schedule()
             self._update_endpoints()
             self._handle_requests()
             outstanding = self._outstanding()
@@ -371,17 +403,36 @@ class Cluster:
         return {
             "t": round(time.monotonic() - self.t0, 3),
             "outstanding": outstanding,
+            "node": {
+                "name": self.node.name,
+                "allocatable": {
+                    "cpu_m": self.node.allocatable.cpu_m,
+                    "memory": self.node.allocatable.memory,
+                },
+                "requested": self._requested(),
+                "memory_cgroup": str(self.cgroups.root) if self.cgroups else None,
+                "memory_peak": self.cgroups.peak() if self.cgroups else None,
+            },
             "deployments": {
                 w.name: {
                     "kind": w.kind,
                     "replicas": w.replicas,
                     "ready": w.ready_count(),
+                    "pending": w.pending_count(),
                     "pods": [p.describe() for p in w.pods],
                 }
                 for w in self.workloads
             },
             "scaledobjects": self.scaler_status,
         }
+
+    def _requested(self) -> dict[str, int]:
+        total = Resources()
+        for w in self.workloads:
+            for p in w.pods:
+                if p.bound and not p.terminated.is_set():
+                    total = total + p.requests
+        return {"cpu_m": total.cpu_m, "memory": total.memory}
 
     def _announce(self) -> None:
         if self._announced:
@@ -468,6 +519,9 @@ class Cluster:
                 os.killpg(self.s3.pid, 9)
             self.s3.wait(timeout=10)
             self.log("s3 stopped")
+        if self.cgroups is not None:
+            kill_all(self.cgroups.root)  # nothing of a pod outlives the node
+            self.cgroups.remove()
         (self.root / "ready").unlink(missing_ok=True)
 
 

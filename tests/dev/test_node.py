@@ -1,0 +1,207 @@
+"""The local cluster's node: quantities, pod requests, the scheduler's fit, memory cgroups."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from labelmill.dev.cluster.kubelet import Pod, PodContext
+from labelmill.dev.cluster.node import (
+    CgroupError,
+    MemoryCgroups,
+    Node,
+    QuantityError,
+    Resources,
+    cpu_millis,
+    memory_bytes,
+    parse_quantity,
+    pod_memory_limit,
+    pod_resources,
+    schedule,
+)
+from tests.dev.cluster import CLI, REPO
+from tests.fixtures.procs import wait_until
+
+Mi, Gi = 2**20, 2**30
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("250m", Decimal("0.25")),
+        ("4", Decimal(4)),
+        ("1.5", Decimal("1.5")),
+        ("512Mi", Decimal(512 * Mi)),
+        ("4Gi", Decimal(4 * Gi)),
+        ("1G", Decimal(10**9)),
+        ("1k", Decimal(1000)),
+        ("1e3", Decimal(1000)),
+        ("100n", Decimal("1E-7")),
+    ],
+)
+def test_quantities_parse_as_apimachinery_does(text: str, value: Decimal) -> None:
+    assert parse_quantity(text) == value
+
+
+@pytest.mark.parametrize("text", ["4GB", "Gi", "1.2.3", "", "4 Gi", "-"])
+def test_what_is_no_quantity_is_refused(text: str) -> None:
+    with pytest.raises(QuantityError):
+        parse_quantity(text)
+
+
+def test_cpu_and_memory_round_up() -> None:
+    assert cpu_millis("250m") == 250 and cpu_millis("0.0001") == 1 and cpu_millis(2) == 2000
+    assert memory_bytes("1.5Ki") == 1536 and memory_bytes("0.5") == 1
+
+
+def _c(name: str, req: dict[str, str] | None = None, lim: dict[str, str] | None = None,
+       **extra: Any) -> dict[str, Any]:  # fmt: skip
+    res: dict[str, Any] = {}
+    if req:
+        res["requests"] = req
+    if lim:
+        res["limits"] = lim
+    return {"name": name, "resources": res, **extra}
+
+
+def test_pod_requests_add_sidecars_and_take_the_largest_init_container() -> None:
+    spec = {
+        "initContainers": [
+            _c("fetch", {"cpu": "1", "memory": "3Gi"}),  # alone: 1 cpu, 3Gi
+            _c("sync", {"cpu": "100m", "memory": "128Mi"}, restartPolicy="Always"),
+            _c("late", {"cpu": "2", "memory": "1Gi"}),  # with the sidecar: 2.1 cpu, 1.125Gi
+        ],
+        "containers": [
+            _c("main", {"cpu": "500m", "memory": "1Gi"}),
+            _c("limits-only", lim={"cpu": "250m", "memory": "256Mi"}),  # requests = limits
+        ],
+    }
+    # containers + sidecar: 0.85 cpu, 1.375Gi; the init maxima: 2.1 cpu, 3Gi.
+    assert pod_resources(spec) == Resources(2100, 3 * Gi)
+    assert pod_memory_limit(spec) is None  # not every container has a limit
+
+
+def test_the_pod_memory_limit_is_the_sum_when_every_container_has_one() -> None:
+    spec = {
+        "initContainers": [_c("sync", lim={"memory": "512Mi"}, restartPolicy="Always")],
+        "containers": [_c("a", lim={"memory": "1Gi"}), _c("b", lim={"memory": "256Mi"})],
+    }
+    assert pod_memory_limit(spec) == 1792 * Mi
+
+
+@dataclass
+class FakePod:
+    name: str
+    requests: Resources
+    created: float
+    bound: bool = False
+    unschedulable: str = ""
+    deleted: bool = False
+    finished: bool = False
+    binds: list[str] = field(default_factory=list)
+
+    def bind(self) -> None:
+        self.bound = True
+
+    def gone(self) -> bool:
+        return self.finished
+
+    def being_deleted(self) -> bool:
+        return self.deleted
+
+
+def test_pods_bind_only_while_their_requests_fit_and_a_big_one_does_not_block_small_ones() -> None:
+    node = Node("n", Resources(16000, 8 * Gi))
+    running = FakePod("running", Resources(1000, 3 * Gi), 0, bound=True)
+    big = FakePod("big", Resources(4000, 6 * Gi), 1)
+    small = FakePod("small", Resources(500, 1 * Gi), 2)
+    newly = schedule(node, [running, big, small])
+    assert [p.name for p in newly] == ["big"]
+    assert not big.bound and big.unschedulable == "0/1 nodes are available: 1 Insufficient memory"
+    assert small.bound
+    assert schedule(node, [running, big, small]) == []  # said once, still Pending
+    assert not big.bound
+    running.finished = small.finished = True  # their memory is free again
+    schedule(node, [running, big, small])
+    assert big.bound
+
+
+def test_cpu_is_checked_like_memory() -> None:
+    node = Node("n", Resources(4000, 64 * Gi))
+    pods = [FakePod("a", Resources(4000, Gi), 0), FakePod("b", Resources(50, Gi), 1)]
+    schedule(node, pods)
+    assert pods[0].bound and not pods[1].bound
+    assert pods[1].unschedulable.endswith("1 Insufficient cpu")
+
+
+def _cgroups(limit: int) -> MemoryCgroups:
+    try:
+        return MemoryCgroups(limit)
+    except CgroupError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+HOG = "b = bytearray(400 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('survived')"
+
+
+@pytest.mark.timeout(120)
+def test_a_container_past_its_memory_limit_is_oom_killed_and_reported_so(tmp_path: Path) -> None:
+    cgroups = _cgroups(1 * Gi)
+    logs: list[str] = []
+    ctx = PodContext(
+        root=tmp_path, namespace="t", secrets={}, config_maps={}, service_refs={},
+        service_env={}, literals={}, log=logs.append, cgroups=cgroups,
+    )  # fmt: skip
+    template = {
+        "metadata": {"labels": {"app": "hog"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "containers": [
+                {
+                    "name": "hog",
+                    "image": "registry.example.com/labelmill/worker:test",
+                    "command": ["python", "-c", HOG],
+                    "resources": {"limits": {"memory": "128Mi"}},
+                }
+            ],
+        },
+    }
+    pod = Pod("hog-0", "hog", template, ctx)
+    try:
+        pod.bind()
+        hog = pod.containers[0]
+        wait_until(lambda: hog.last_reason, timeout=60, what="the hog to end")
+        assert hog.last_reason == "OOMKilled" and hog.last_exit == 137, logs
+        assert "survived" not in (tmp_path / "pods/hog-0/logs/hog.log").read_text().splitlines()
+        assert cgroups.peak() <= 128 * Mi + 8 * Mi
+    finally:
+        pod.delete()
+        assert pod.terminated.wait(60)
+        cgroups.remove()
+    assert not cgroups.root.exists()
+
+
+def test_up_refuses_a_node_bigger_than_the_machine(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [*CLI, "up", "--dir", str(tmp_path), "--node-memory", "64Ti"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "more than this machine" in res.stderr
+    assert not (tmp_path / "pods").exists()  # nothing was started
+
+
+def test_up_refuses_a_quantity_it_cannot_read(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [*CLI, "up", "--dir", str(tmp_path), "--node-cpu", "four"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
