@@ -1,4 +1,4 @@
-"""``python -m labelmill.dev.cluster``: up, down, status, kill, delete.
+"""``python -m labelmill.dev.cluster``: up, down, status, kill, delete, plot.
 
 Exit codes: 0 ok, 1 the request failed (no such pod), 2 bad usage,
 3 the cluster is not running or did not answer.
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     delete = sub.add_parser("delete", help="delete a pod gracefully")
     delete.add_argument("--dir", type=Path, required=True)
     delete.add_argument("pod")
+    plot = sub.add_parser("plot", help="draw DIR/events.jsonl: each tier's pods, outstanding work")
+    plot.add_argument("--dir", type=Path, required=True)
+    plot.add_argument("--out", type=Path, required=True)
     return parser
 
 
@@ -244,7 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args.dir, args.json)
     if args.command == "kill":
         return _ask(args.dir, {"op": "kill", "pod": args.pod, "container": args.container})
-    return _ask(args.dir, {"op": "delete", "pod": args.pod})
+    if args.command == "delete":
+        return _ask(args.dir, {"op": "delete", "pod": args.pod})
+    from labelmill.dev.cluster.plot import NoEvents, plot
+
+    try:
+        plot(args.dir / "events.jsonl", args.out)
+    except NoEvents as exc:
+        print(f"cluster: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {args.out}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

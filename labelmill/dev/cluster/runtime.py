@@ -18,6 +18,12 @@ from typing import Any
 
 import redis
 
+from labelmill.dev.cluster.autoscale import (
+    Autoscaler,
+    RedisTrigger,
+    ScaledObjectSpec,
+    redis_list_length,
+)
 from labelmill.dev.cluster.controllers import Workload
 from labelmill.dev.cluster.expansion import service_env
 from labelmill.dev.cluster.kubelet import Pod, PodContext
@@ -38,6 +44,7 @@ from labelmill.dev.cluster.substitutions import (
     PLACEHOLDER_BUCKETS,
     REPO_ROOT,
     VENV_BIN,
+    Rewriter,
 )
 from labelmill.stack import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, StackError, _bin, s3_config
 
@@ -96,8 +103,10 @@ class Cluster:
         self.s3_endpoint = ""
         self.proxies: dict[tuple[str, str], ServiceProxy] = {}
         self.workloads: list[Workload] = []
+        self.scalers: list[tuple[ScaledObjectSpec, Autoscaler]] = []
+        self.outstanding: int | None = None  # ZCARD of the ledger's outstanding set
         self.scaler_status: dict[str, dict[str, Any]] = {}
-        self._last_events: dict[str, tuple[int, int]] = {}
+        self._last_events: dict[str, tuple[float, tuple[int, int, int], int | None]] = {}
         self._announced = False
         self._redis: redis.Redis | None = None
 
@@ -285,9 +294,17 @@ class Cluster:
 
     def _load_scalers(self) -> None:
         for doc in self.m.scaled_objects:
+            try:
+                spec = ScaledObjectSpec.from_manifest(doc)
+            except ValueError as exc:
+                raise ClusterError(f"keda: {exc}") from None
+            if not any(w.name == spec.target for w in self.workloads):
+                raise ClusterError(f"keda: scaledobject/{spec.name}: no workload {spec.target!r}")
+            self.scalers.append((spec, Autoscaler(spec, time_scale=self.time_scale)))
             self.log(
-                f"keda: scaledobject/{doc['metadata']['name']} is read but not acted on: "
-                "replicas stay as the manifests set them"
+                f"keda: scaledobject/{spec.name} -> deployment/{spec.target} "
+                f"(polling every {spec.polling_interval_s / self.time_scale:g}s, "
+                f"cooldown {spec.cooldown_period_s / self.time_scale:g}s)"
             )
 
     def _make_pod(self, name: str, workload: Workload) -> Pod:
@@ -340,15 +357,28 @@ class Cluster:
     # ------------------------------------------------------------ loop
 
     def _loop(self) -> None:
+        """The controllers, the scheduler and the endpoints, every tick.
+
+        KEDA runs in a thread of its own, as it runs in its own pod: a Redis
+        that does not answer slows its polls, never the kubelet's work.
+        """
+        keda = threading.Thread(target=self._keda_loop, name="keda", daemon=True)
+        keda.start()
         while not self.stop.is_set():
             for w in self.workloads:
                 w.reconcile(self._make_pod, self.log)
             self._schedule()
             self._update_endpoints()
             self._handle_requests()
-            outstanding = self._outstanding()
-            self._record(outstanding)
+            self._record(self.outstanding)
             self._announce()
+            self.stop.wait(TICK_S)
+        keda.join(timeout=10)
+
+    def _keda_loop(self) -> None:
+        while not self.stop.is_set():
+            self._autoscale()
+            self.outstanding = self._outstanding()
             self.stop.wait(TICK_S)
 
     def _update_endpoints(self) -> None:
@@ -383,16 +413,71 @@ class Cluster:
         except (redis.RedisError, OSError):
             return None
 
+    def _autoscale(self) -> None:
+        """KEDA's poll and its HPA's sync for each ScaledObject that is due (autoscale.py)."""
+        now = time.monotonic()
+        for spec, scaler in self.scalers:
+            if now < scaler.next_due():
+                continue
+            target = next(w for w in self.workloads if w.name == spec.target)
+            try:
+                metrics = [self._trigger_metric(t) for t in spec.triggers]
+            except (redis.RedisError, OSError) as exc:
+                # scale_handler.go: a trigger error with no fallback leaves the count alone.
+                self.scaler_status[spec.name] = {"error": str(exc), "target": spec.target}
+                continue
+            decision = scaler.step(now, metrics, target.replicas, len(target.active()))
+            if decision.replicas != target.replicas:
+                self.log(
+                    f"keda: {spec.target} {target.replicas} -> {decision.replicas} "
+                    f"(metric {decision.metric}; {decision.reason})"
+                )
+                target.replicas = decision.replicas
+            self.scaler_status[spec.name] = {
+                "target": spec.target,
+                "metric": decision.metric,
+                "active": decision.active,
+                "desired": decision.replicas,
+                "hpa_desired": decision.hpa_desired,
+                "reason": decision.reason,
+            }
+
+    def _trigger_metric(self, trigger: RedisTrigger) -> int:
+        """What KEDA's redis scaler reads, through the trigger's own address and auth."""
+        host, _, port = Rewriter().services(self.service_refs)(trigger.address).rpartition(":")
+        password = None
+        auth = self.m.trigger_auths.get(trigger.auth_ref or "")
+        for ref in (auth or {}).get("spec", {}).get("secretTargetRef") or []:
+            if ref.get("parameter") == "password":
+                password = self.m.secrets.get(ref["name"], {}).get(ref["key"])
+        client = redis.Redis(
+            host=host, port=int(port), db=trigger.database_index, password=password,
+            socket_timeout=2, socket_connect_timeout=2,
+        )  # fmt: skip
+        try:
+            return redis_list_length(client, trigger.list_name)
+        finally:
+            client.close()
+
     def _record(self, outstanding: int | None) -> None:
+        """One line per workload at start and whenever its replicas, ready or pending change.
+
+        A change of the outstanding count alone is written at most once a second.
+        """
         now = round(time.monotonic() - self.t0, 3)
         lines = []
         for w in self.workloads:
-            state = (w.replicas, w.ready_count())
-            if self._last_events.get(w.name) != state:
-                self._last_events[w.name] = state
+            state = (w.replicas, w.ready_count(), w.pending_count())
+            last = self._last_events.get(w.name)
+            if (
+                last is None
+                or last[1] != state
+                or (last[2] != outstanding and now - last[0] >= 1.0)
+            ):
+                self._last_events[w.name] = (now, state, outstanding)
                 lines.append(
                     {"t": now, "deployment": w.name, "replicas": state[0], "ready": state[1],
-                     "outstanding": outstanding}
+                     "pending": state[2], "outstanding": outstanding}
                 )  # fmt: skip
         if lines:
             with open(self.root / "events.jsonl", "a") as f:
@@ -437,7 +522,8 @@ class Cluster:
     def _announce(self) -> None:
         if self._announced:
             return
-        if all(w.ready_count() >= w.replicas for w in self.workloads):
+        scaled = {spec.target for spec, _ in self.scalers}
+        if all(w.ready_count() >= w.replicas for w in self.workloads if w.name not in scaled):
             self._announced = True
             lines = [f"labelmill local cluster ready in {self.root}:"]
             lines += [
