@@ -1,0 +1,123 @@
+"""``k8s/`` and ``keda/`` on the local cluster: from zero, and on a node too small.
+
+One cluster for the module (``up --time-scale 20 --model-arch tiny``): KEDA's
+and the HPA's intervals, windows and cooldowns run twenty times faster;
+grace periods, probes and Celery's own timeouts are real. The node has room
+for one model pod and a half: the second one the HPA asks for stays
+Pending. Run these alone with ``pytest -m cluster``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from labelmill.dev.cluster.node import pod_resources
+from tests import images
+from tests.dev.cluster import REPO, Cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.integration]
+
+
+def _docs(folder: str, kind: str) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted((REPO / folder).glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == kind:
+                out[doc["metadata"]["name"]] = doc
+    return out
+
+
+SCALED = {name: doc["spec"] for name, doc in _docs("keda", "ScaledObject").items()}
+TIERS = tuple(sorted(spec["scaleTargetRef"]["name"] for spec in SCALED.values()))
+MODEL_TIER = "tf-serving"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    # Room (by requests) for every fixed workload, four worker pods and one
+    # and a half model pods.
+    workloads = _docs("k8s", "Deployment") | _docs("k8s", "StatefulSet")
+    memory = {n: pod_resources(d["spec"]["template"]["spec"]).memory for n, d in workloads.items()}
+    fixed = sum(m for n, m in memory.items() if n not in TIERS)
+    node = fixed + 4 * memory["workers"] + 3 * memory[MODEL_TIER] // 2
+    c = Cluster(tmp_path_factory.mktemp("cluster") / "c", "--node-memory", str(node), time_scale=20)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _photos(n: int) -> dict[str, bytes]:
+    return {f"in/img-{i:03d}.jpg": images.jpeg(96, 64, seed=i) for i in range(n)}
+
+
+def _exactly_one_line_each(c: Cluster, bucket: str, job: str, n: int) -> None:
+    lines = c.lines(bucket, job)
+    assert Counter(str(r["uri"]) for r in lines) == Counter(
+        f"s3://{bucket}/{key}" for key in _photos(n)
+    )
+    assert [r for r in lines if r["status"] != "ok"] == []
+    assert c.job_status(job)["images"]["ok"] == n
+
+
+def _at_zero(c: Cluster) -> bool:
+    """The autoscaler set 0 and no pod of either tier is left but terminating ones."""
+    return all(
+        c.tier(t)["replicas"] == 0 and all(p["phase"] == "Terminating" for p in c.tier(t)["pods"])
+        for t in TIERS
+    )
+
+
+def _scaled_up(c: Cluster, tier: str) -> bool:
+    return any(
+        e["deployment"] == tier and e["replicas"] >= 1 and e["ready"] >= 1 for e in c.events()
+    )
+
+
+@pytest.mark.timeout(300)
+def test_from_zero_both_tiers_scale_up_finish_the_job_and_return_to_zero(
+    cluster: Cluster,
+) -> None:
+    c = cluster
+    assert len(TIERS) == 2 and MODEL_TIER in TIERS
+    # The Deployments start at 1 (no replicas field); KEDA takes both to 0.
+    c.wait(lambda: _at_zero(c), timeout=60, what="both scaled tiers at zero")
+    bucket = c.bucket_of_images(_photos(6))
+    job, result, _ = c.enqueue(bucket, "--batch-size", "2")
+    assert result["model_version"] is None  # nothing served a version: enqueue did not wait
+    c.wait(lambda: all(_scaled_up(c, t) for t in TIERS), timeout=120,
+           what="both tiers scaled up and ready")  # fmt: skip
+    c.wait_done(job, timeout=120)
+    _exactly_one_line_each(c, bucket, job, 6)
+    c.wait(lambda: _at_zero(c), timeout=120, what="both tiers back at zero")
+
+
+@pytest.mark.timeout(300)
+def test_on_a_node_too_small_the_second_model_pod_stays_pending_and_the_job_completes(
+    cluster: Cluster,
+) -> None:
+    c = cluster
+    target = int(SCALED[MODEL_TIER]["triggers"][0]["metadata"]["listLength"])
+    n = target * 2  # one batch per image: the HPA asks for two model pods
+    bucket = c.bucket_of_images(_photos(n))
+    job, _, _ = c.enqueue(bucket, "--batch-size", "1")
+
+    def second_pending() -> bool:
+        tier = c.tier(MODEL_TIER)
+        return tier["replicas"] >= 2 and tier["pending"] >= 1
+
+    c.wait(second_pending, timeout=120, what="a second model pod, Pending")
+    (pending,) = [p for p in c.tier(MODEL_TIER)["pods"] if p["phase"] == "Pending" and
+                  p["reason"]]  # fmt: skip
+    assert pending["reason"] == "Unschedulable: 0/1 nodes are available: 1 Insufficient memory"
+    c.wait_done(job, timeout=180)
+    _exactly_one_line_each(c, bucket, job, n)
+    model = [e for e in c.events() if e["deployment"] == MODEL_TIER]
+    assert max(e["ready"] for e in model) == 1
+    assert any(e["replicas"] >= 2 and e["pending"] >= 1 for e in model)
