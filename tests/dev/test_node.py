@@ -189,6 +189,43 @@ def test_a_container_past_its_memory_limit_is_oom_killed_and_reported_so(tmp_pat
     assert not cgroups.root.exists()
 
 
+@pytest.mark.timeout(120)
+def test_an_oom_kill_of_one_process_ends_the_whole_container(tmp_path: Path) -> None:
+    """The parent outlives its OOM-killed child unless the kubelet ends the container."""
+    cgroups = _cgroups(1 * Gi)
+    ctx = PodContext(
+        root=tmp_path, namespace="t", secrets={}, config_maps={}, service_refs={},
+        service_env={}, literals={}, log=lambda _m: None, cgroups=cgroups,
+    )  # fmt: skip
+    parent = (
+        "import subprocess, sys, time; "
+        f"subprocess.run([sys.executable, '-c', {HOG!r}]); time.sleep(600)"
+    )
+    template = {
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "containers": [
+                {
+                    "name": "pool",
+                    "image": "registry.example.com/labelmill/worker:test",
+                    "command": ["python", "-c", parent],
+                    "resources": {"limits": {"memory": "128Mi"}},
+                }
+            ],
+        },
+    }
+    pod = Pod("pool-0", "pool", template, ctx)
+    try:
+        pod.bind()
+        pool = pod.containers[0]
+        wait_until(lambda: pool.last_reason, timeout=60, what="the container to end")
+        assert (pool.last_reason, pool.last_exit) == ("OOMKilled", 137)
+    finally:
+        pod.delete()
+        assert pod.terminated.wait(60)
+        cgroups.remove()
+
+
 def test_up_refuses_a_node_bigger_than_the_machine(tmp_path: Path) -> None:
     res = subprocess.run(
         [*CLI, "up", "--dir", str(tmp_path), "--node-memory", "64Ti"],

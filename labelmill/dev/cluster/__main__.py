@@ -67,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     delete = sub.add_parser("delete", help="delete a pod gracefully")
     delete.add_argument("--dir", type=Path, required=True)
     delete.add_argument("pod")
+    patch = sub.add_parser(
+        "patch", help="kubectl patch deployment/NAME -p JSON (a strategic merge patch)"
+    )
+    patch.add_argument("--dir", type=Path, required=True)
+    patch.add_argument("deployment", help="deployment/NAME")
+    patch.add_argument("-p", "--patch", required=True, help="a JSON object")
+    restart = sub.add_parser(
+        "restart", help="kubectl rollout restart deployment/NAME: a new template, rolled out"
+    )
+    restart.add_argument("--dir", type=Path, required=True)
+    restart.add_argument("deployment", help="deployment/NAME")
+    undo = sub.add_parser("undo", help="kubectl rollout undo deployment/NAME")
+    undo.add_argument("--dir", type=Path, required=True)
+    undo.add_argument("deployment", help="deployment/NAME")
     plot = sub.add_parser("plot", help="draw DIR/events.jsonl: each tier's pods, outstanding work")
     plot.add_argument("--dir", type=Path, required=True)
     plot.add_argument("--out", type=Path, required=True)
@@ -249,6 +263,26 @@ def main(argv: list[str] | None = None) -> int:
         return _ask(args.dir, {"op": "kill", "pod": args.pod, "container": args.container})
     if args.command == "delete":
         return _ask(args.dir, {"op": "delete", "pod": args.pod})
+    if args.command in ("patch", "restart", "undo"):
+        kind, _, name = args.deployment.partition("/")
+        if kind not in ("deployment", "deployments", "deploy") or not name:
+            print("cluster: error: name a Deployment as deployment/NAME", file=sys.stderr)
+            return EXIT_USAGE
+        if args.command == "undo":
+            return _ask(args.dir, {"op": "undo", "deployment": name})
+        if args.command == "restart":
+            # What kubectl rollout restart patches
+            # (kubectl/pkg/polymorphichelpers/objectrestarter.go).
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            body: Any = {"spec": {"template": {"metadata": {"annotations": {
+                "kubectl.kubernetes.io/restartedAt": stamp}}}}}  # fmt: skip
+        else:
+            try:
+                body = json.loads(args.patch)
+            except json.JSONDecodeError as exc:
+                print(f"cluster: error: -p is not JSON: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+        return _ask(args.dir, {"op": "patch", "deployment": name, "patch": body})
     from labelmill.dev.cluster.plot import NoEvents, plot
 
     try:

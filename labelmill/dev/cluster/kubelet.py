@@ -158,7 +158,9 @@ class Pod:
         self.owner = owner
         self.template = template
         self.spec: Mapping[str, Any] = template.get("spec", {})
+        self.rs_hash = template_hash(dict(template))  # its ReplicaSet's pod-template-hash
         self.labels: dict[str, str] = dict(template.get("metadata", {}).get("labels", {}))
+        self.labels.setdefault("pod-template-hash", self.rs_hash)
         self.annotations: dict[str, str] = dict(template.get("metadata", {}).get("annotations", {}))
         self.ctx = ctx
         self.uid = random_secrets.token_hex(16)
@@ -476,6 +478,28 @@ class Pod:
         _kill_group(proc.pid)
         return self._exited(c, code)
 
+    def _wait(self, c: Container, proc: subprocess.Popen[bytes]) -> int:
+        """Wait for the container's main process; an OOM kill inside it ends it whole.
+
+        The kubelet sets ``memory.oom.group`` on cgroup v2
+        (pkg/kubelet/kuberuntime/kuberuntime_container_linux.go, unless
+        ``singleProcessOOMKill``), so the kernel kills every process of the
+        container when one passes the limit. cgroup v1 has no such switch and
+        kills one process (a Celery pool child, say): here the kubelet ends
+        the rest as soon as the cgroup records the kill.
+        """
+        cgroups, path = self.ctx.cgroups, self._container_cgroup(c)
+        if cgroups is None or path is None or cgroups.v2:
+            return proc.wait()
+        seen = cgroups.oom_kills(path)
+        while True:
+            try:
+                return proc.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                if cgroups.oom_kills(path) > seen:
+                    _kill_group(proc.pid)
+                    return proc.wait()
+
     def _exited(self, c: Container, returncode: int) -> int:
         """Record an exit as the container runtime reports it: 128 + N for signal N.
 
@@ -499,7 +523,7 @@ class Pod:
             if spawned is not None:
                 proc, env, cwd, rewrite = spawned
                 self._start_probes(c, env, cwd, rewrite)
-                code = proc.wait()
+                code = self._wait(c, proc)
                 for worker in c.probes:
                     worker.stop()
                 _kill_group(proc.pid)  # the PID namespace ends with its PID 1

@@ -97,3 +97,40 @@ def fill_placeholders(
                 saved.setdefault(name, {})[key] = made
     store.write_text(json.dumps(saved, indent=2) + "\n")
     store.chmod(0o600)
+
+
+# The list fields of a pod spec that a strategic merge patch merges by "name"
+# (their patchMergeKey in k8s.io/api/core/v1/types.go).
+MERGE_BY_NAME = {"containers", "initContainers", "env", "volumes", "volumeMounts", "ports"}
+
+
+def strategic_merge(doc: Any, patch: Any, field: str = "") -> Any:
+    """``patch`` applied to ``doc`` as kubectl's default strategic merge patch does.
+
+    k8s.io/apimachinery/pkg/util/strategicpatch ``StrategicMergePatch``: maps
+    merge key by key, ``null`` removes a key; the lists of
+    :data:`MERGE_BY_NAME` merge item by item on ``name`` (``containerPort``
+    for ports); any other list, and any other value, is replaced. The
+    ``$patch`` directives are not supported.
+    """
+    if isinstance(doc, dict) and isinstance(patch, dict):
+        out = dict(doc)
+        for key, value in patch.items():
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = strategic_merge(doc.get(key), value, key)
+        return out
+    if field in MERGE_BY_NAME and isinstance(doc, list) and isinstance(patch, list):
+        key = "containerPort" if field == "ports" else "name"
+        out_list = list(doc)
+        for item in patch:
+            match = next(
+                (i for i, old in enumerate(out_list) if old.get(key) == item.get(key)), None
+            )
+            if match is None:
+                out_list.append(item)
+            else:
+                out_list[match] = strategic_merge(out_list[match], item)
+        return out_list
+    return patch

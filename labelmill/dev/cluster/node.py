@@ -277,6 +277,8 @@ class MemoryCgroups:
         path.mkdir(exist_ok=True)
         if limit:
             self._limit(path, limit)
+        if self.v2:
+            (path / "memory.oom.group").write_text("1")  # kill the container whole
         self._oom_seen.setdefault(path, self.oom_kills(path))
         return path
 

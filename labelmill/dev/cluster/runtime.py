@@ -27,7 +27,7 @@ from labelmill.dev.cluster.autoscale import (
 from labelmill.dev.cluster.controllers import Workload
 from labelmill.dev.cluster.expansion import service_env
 from labelmill.dev.cluster.kubelet import Pod, PodContext
-from labelmill.dev.cluster.manifests import fill_placeholders, load
+from labelmill.dev.cluster.manifests import fill_placeholders, load, strategic_merge
 from labelmill.dev.cluster.node import (
     CgroupError,
     MemoryCgroups,
@@ -307,9 +307,9 @@ class Cluster:
                 f"cooldown {spec.cooldown_period_s / self.time_scale:g}s)"
             )
 
-    def _make_pod(self, name: str, workload: Workload) -> Pod:
+    def _make_pod(self, name: str, workload: Workload, template: Mapping[str, Any]) -> Pod:
         claims = {c: self.root / "pvc" / f"{c}-{name}" for c in workload.claim_templates}
-        return Pod(name, workload.name, workload.template, self.ctx, claims=claims)
+        return Pod(name, workload.name, template, self.ctx, claims=claims)
 
     def _schedule(self) -> None:
         pods = [p for w in self.workloads for p in w.pods]
@@ -504,6 +504,7 @@ class Cluster:
                     "replicas": w.replicas,
                     "ready": w.ready_count(),
                     "pending": w.pending_count(),
+                    "replica_sets": w.rollout() if w.kind == "Deployment" else [],
                     "pods": [p.describe() for p in w.pods],
                 }
                 for w in self.workloads
@@ -563,6 +564,20 @@ class Cluster:
         op = body.get("op")
         if op == "status":
             return {"ok": True, "status": self.status(self._outstanding())}
+        if op == "patch":
+            return self._patch(str(body.get("deployment")), body.get("patch"))
+        if op == "undo":
+            w = next((w for w in self.workloads if w.kind == "Deployment"
+                      and w.name == body.get("deployment")), None)  # fmt: skip
+            if w is None:
+                return {
+                    "ok": False,
+                    "error": f'deployments.apps "{body.get("deployment")}" not found',
+                }
+            if not w.undo():
+                return {"ok": False, "error": "no rollout history found"}
+            self.log(f"deployment/{w.name}: rolled back to the previous revision")
+            return {"ok": True, "deployment": w.name, "rollout": True}
         pod = self._find_pod(str(body.get("pod")))
         if op == "kill":
             container = pod.kill(body.get("container"))
@@ -573,6 +588,22 @@ class Cluster:
             pod.delete()
             return {"ok": True, "pod": pod.name}
         return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def _patch(self, name: str, patch: Any) -> dict[str, Any]:
+        """``kubectl patch deployment/NAME`` (a strategic merge patch) on the running cluster."""
+        w = next((w for w in self.workloads if w.kind == "Deployment" and w.name == name), None)
+        if w is None:
+            return {"ok": False, "error": f'deployments.apps "{name}" not found'}
+        if not isinstance(patch, dict):
+            return {"ok": False, "error": "the patch must be a JSON object"}
+        doc = strategic_merge(w.doc, patch)
+        replicas = (doc.get("spec") or {}).get("replicas")
+        if replicas is not None and replicas != (w.doc["spec"].get("replicas")):
+            w.replicas = int(replicas)
+        w.doc["spec"] = {k: v for k, v in doc["spec"].items() if k != "template"}
+        rolled = w.set_template(doc["spec"]["template"])
+        self.log(f"deployment/{name}: patched" + (" (rollout started)" if rolled else ""))
+        return {"ok": True, "deployment": name, "rollout": rolled}
 
     # ------------------------------------------------------------ stop
 
