@@ -531,7 +531,10 @@ class Pod:
                 c.state, c.started, c.ready = "terminated", False, False
                 if self.deleting.is_set():
                     return
-                self.ctx.log(f"pod {self.name}: container {c.name} exited ({code}); restarting")
+                self.ctx.log(
+                    f"pod {self.name}: container {c.name} exited ({code}, {c.last_reason}); "
+                    "restarting"
+                )
             c.restarts += 1
             wait = c.backoff.wait_after_exit(time.monotonic())
             if wait:

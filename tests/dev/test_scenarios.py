@@ -1,0 +1,242 @@
+"""What a cluster does to a running job, on the local cluster running ``k8s/`` and ``keda/``.
+
+One cluster for the module (``up --time-scale 60 --model-arch tiny``): KEDA's
+and the HPA's intervals, windows and cooldowns run sixty times faster, so
+the HPA follows a job's falling backlog within a second or two; grace
+periods, probes, leases and Celery's own timeouts are real. Run these alone
+with ``pytest -m cluster``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from labelmill.dev.cluster.node import pod_resources
+from labelmill.dev.cluster.substitutions import MODELS_BUCKET, VENV_BIN
+from labelmill.errors import ServiceError
+from labelmill.model_client import ModelClient
+from tests import images
+from tests.dev.cluster import REPO, Cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.integration]
+
+WORKERS, MODEL_TIER = "workers", "tf-serving"
+
+
+def _workloads() -> dict[str, dict[str, Any]]:
+    out = {}
+    for path in sorted((REPO / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") in ("Deployment", "StatefulSet"):
+                out[doc["metadata"]["name"]] = doc
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    # Room (by requests) for every fixed workload, three worker pods and two
+    # model pods.
+    memory = {
+        n: pod_resources(d["spec"]["template"]["spec"]).memory for n, d in _workloads().items()
+    }
+    fixed = sum(m for n, m in memory.items() if n not in (WORKERS, MODEL_TIER))
+    node = fixed + 3 * memory[WORKERS] + 2 * memory[MODEL_TIER]
+    c = Cluster(tmp_path_factory.mktemp("cluster") / "c", "--node-memory", str(node),
+                time_scale=60)  # fmt: skip
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _photos(n: int, prefix: str = "in") -> dict[str, bytes]:
+    return {f"{prefix}/img-{i:04d}.jpg": images.jpeg(96, 64, seed=i) for i in range(n)}
+
+
+def _lines_exactly_once(c: Cluster, bucket: str, job: str, n: int) -> list[dict[str, Any]]:
+    """One line per image, none failed, and the job's counts agree with the lines."""
+    lines = c.lines(bucket, job)
+    seen = Counter(str(r["uri"]) for r in lines)
+    assert seen == Counter(f"s3://{bucket}/{key}" for key in _photos(n))
+    assert [r for r in lines if r["status"] != "ok"] == []
+    st = c.job_status(job)
+    assert st["images"] == {"total": n, "ok": n, "error": 0, "skipped": 0}
+    assert st["batches"]["dead"] == 0
+    return lines
+
+
+def _serving(c: Cluster) -> ModelClient:
+    return ModelClient(
+        c.env()["LABELMILL_MODEL_SERVER"], "inception", timeout_s=5, retry_budget_s=1
+    )
+
+
+@pytest.mark.timeout(300)
+def test_scale_in_and_a_deleted_worker_pod_lose_nothing_and_count_nothing_twice(
+    cluster: Cluster,
+) -> None:
+    c = cluster
+    n = 400
+    bucket = c.bucket_of_images(_photos(n))
+    job, _, _ = c.enqueue(bucket, "--batch-size", "1")
+    # A worker pod that holds the job's batches is deleted: preStop, the
+    # stop signal (Celery's soft shutdown), then SIGKILL after the grace period.
+    pods = c.wait(lambda: c.ready_pods(WORKERS), timeout=120, what="a ready worker pod")
+    c.ctl("delete", pods[0])
+    c.wait_done(job, timeout=240)
+    _lines_exactly_once(c, bucket, job, n)
+    # The HPA removed workers while the job still had work outstanding.
+    events = [e for e in c.events() if e["deployment"] == WORKERS]
+    peak = max(e["replicas"] for e in events)
+    assert any(
+        e["replicas"] < peak and (e["outstanding"] or 0) > 0
+        for e in events[[x["replicas"] for x in events].index(peak) :]
+    ), events
+
+
+@pytest.mark.timeout(300)
+def test_a_model_version_pushed_mid_job_is_served_to_the_next_job_only(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    c = cluster
+    env = c.env()
+    new = tmp_path / "inception"
+    subprocess.run(
+        [str(VENV_BIN / "serving"), "export", "--out", str(new), "--version", "2",
+         "--arch", "tiny", "--weights", "random", "--seed", "2"],
+        env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"}, check=True, capture_output=True, timeout=180,
+    )  # fmt: skip
+    n = 200
+    bucket = c.bucket_of_images(_photos(n))
+    job, _, _ = c.enqueue(bucket, "--batch-size", "1")
+    c.wait(lambda: c.job_status(job)["model"]["version"] == 1, timeout=120,
+           what="the job pinned to version 1")  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy/scripts/model_sync.py"), "push", str(new),
+         f"s3://{MODELS_BUCKET}/models/inception"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    c.wait_done(job, timeout=240)
+    lines = _lines_exactly_once(c, bucket, job, n)
+    assert {r["model"]["version"] for r in lines} == {1}
+
+    # The model-sync sidecar (every 30 s) brings version 2 to running pods and
+    # TF Serving loads it beside version 1 (the two newest); a tier back at
+    # zero fetches both when the next job wakes it. Either way the next job
+    # pins version 2.
+    seen: dict[int, str] = {}
+
+    def v2_served_or_tier_at_zero() -> bool:
+        tier = c.tier(MODEL_TIER)
+        if tier["replicas"] == 0 and not tier["pods"]:
+            return True
+        try:
+            with _serving(c) as client:
+                seen.update(client.model_versions())
+        except ServiceError:
+            return False
+        return seen.get(2) == "AVAILABLE"
+
+    c.wait(v2_served_or_tier_at_zero, timeout=120, what="version 2 served (or the tier at zero)")
+    if seen.get(2) == "AVAILABLE":
+        assert seen.get(1) == "AVAILABLE", seen  # the two newest stay loaded
+    bucket2 = c.bucket_of_images(_photos(4))
+    job2, _, _ = c.enqueue(bucket2, "--batch-size", "2")
+    c.wait_done(job2, timeout=180)
+    assert {r["model"]["version"] for r in _lines_exactly_once(c, bucket2, job2, 4)} == {2}
+
+
+def _model_pods(c: Cluster) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in c.tier(MODEL_TIER)["pods"]}
+
+
+@pytest.mark.timeout(300)
+def test_a_tf_serving_rollout_mid_job_fails_no_batch_and_new_pods_take_the_traffic(
+    cluster: Cluster,
+) -> None:
+    c = cluster
+    n = 300
+    bucket = c.bucket_of_images(_photos(n))
+    job, _, _ = c.enqueue(bucket, "--batch-size", "1")
+    before = c.wait(lambda: [p for p, s in _model_pods(c).items() if s["ready"]], timeout=120,
+                    what="a ready model pod")  # fmt: skip
+    c.ctl("restart", f"deployment/{MODEL_TIER}")
+
+    def rolled() -> bool:
+        rs = c.tier(MODEL_TIER)["replica_sets"]
+        pods = _model_pods(c)
+        # One ReplicaSet left (the new one, at whatever count KEDA set) and
+        # none of the old pods, not even terminating.
+        return len(rs) == 1 and not set(before) & set(pods)
+
+    c.wait(rolled, timeout=180, what="the rollout complete, the old pods gone")
+    c.wait_done(job, timeout=120)
+    _lines_exactly_once(c, bucket, job, n)
+    # Only the new pods are left to serve: the next job runs on them.
+    bucket2 = c.bucket_of_images(_photos(6))
+    job2, _, _ = c.enqueue(bucket2, "--batch-size", "2")
+    c.wait_done(job2, timeout=60)
+    _lines_exactly_once(c, bucket2, job2, 6)
+
+
+@pytest.mark.timeout(360)
+def test_an_oom_killed_worker_container_restarts_and_its_batches_run_again_within_2_minutes(
+    cluster: Cluster,
+) -> None:
+    """The kernel kills at the limit (the cgroup, not the test); nothing else is faked.
+
+    A patch lowers the worker container's limit and lifts the worker's own
+    memory budget (which would otherwise keep it under the limit), and huge
+    PNGs (no draft decoding) do the rest; ``undo`` then rolls the manifest's
+    own settings back out, as an operator would.
+    """
+    c = cluster
+    small = {"requests": {"memory": "256Mi"}, "limits": {"memory": "384Mi"}}
+    budget = {"name": "LABELMILL_MEMORY_BUDGET_MB", "value": "8192"}
+    worker = {"name": "worker", "resources": small, "env": [budget]}
+    patch = {"spec": {"template": {"spec": {"containers": [worker]}}}}
+    c.ctl("patch", f"deployment/{WORKERS}", "-p", json.dumps(patch))
+
+    def rolled_out() -> bool:
+        # Only the patched template's ReplicaSet, and no pod of an older one
+        # left to take the job with the manifest's own limit (a terminating
+        # worker takes no new batch: Celery's shutdown stops its consumer).
+        tier = c.tier(WORKERS)
+        (rs, *older) = reversed(tier["replica_sets"])
+        return not older and all(
+            p["name"].startswith(f"{WORKERS}-{rs['hash']}-") or p["phase"] == "Terminating"
+            for p in tier["pods"]
+        )
+
+    c.wait(rolled_out, timeout=120, what="the patched workers rolled out")
+    objects = {f"in/big-{i}.png": images.blank_png(9500, 9500) for i in range(4)}
+    objects |= {f"in/small-{i}.jpg": images.jpeg(96, 64, seed=i) for i in range(4)}
+    bucket = c.bucket_of_images(objects)
+    job, _, _ = c.enqueue(bucket, "--batch-size", "4")
+
+    def oom_killed() -> str | None:
+        for pod in c.tier(WORKERS)["pods"]:
+            worker = pod["containers"]["worker"]
+            if worker["last_reason"] == "OOMKilled":
+                return str(pod["name"])
+        return None
+
+    pod = c.wait(oom_killed, timeout=180, what="a worker container OOM-killed")
+    c.wait(lambda: any(p["name"] == pod and p["restarts"] >= 1 for p in c.tier(WORKERS)["pods"]),
+           timeout=60, what=f"{pod} restarted")  # fmt: skip
+    c.ctl("undo", f"deployment/{WORKERS}")
+    c.wait_done(job, timeout=120)  # the dead container's batches ran again elsewhere
+    lines = c.lines(bucket, job)
+    assert Counter(str(r["uri"]) for r in lines) == Counter(f"s3://{bucket}/{k}" for k in objects)
+    assert [r for r in lines if r["status"] != "ok"] == []
+    assert c.job_status(job)["batches"]["dead"] == 0
