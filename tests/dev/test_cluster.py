@@ -237,3 +237,14 @@ def test_kill_without_a_cluster_exits_3(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip
     assert res.returncode == 3
+
+
+def test_only_the_containers_own_arguments_are_rewritten() -> None:
+    """A checkout under /tmp keeps its binaries' paths; the container's /tmp moves."""
+    from labelmill.dev.cluster.kubelet import _local_command
+    from labelmill.dev.cluster.substitutions import Image
+
+    image = Image("worker:*", binaries={"celery": ["/tmp/clone/.venv/bin/celery"]})
+    rewrite = Rewriter().mounts({"/tmp": "/pods/p/volumes/tmp"})
+    argv = _local_command(image, ["celery", "--logfile=/tmp/w.log"], {}, rewrite)
+    assert argv == ["/tmp/clone/.venv/bin/celery", "--logfile=/pods/p/volumes/tmp/w.log"]

@@ -212,8 +212,8 @@ def test_an_oom_killed_worker_container_restarts_and_its_batches_run_again_withi
         # left to take the job with the manifest's own limit (a terminating
         # worker takes no new batch: Celery's shutdown stops its consumer).
         tier = c.tier(WORKERS)
-        (rs, *older) = reversed(tier["replica_sets"])
-        return not older and all(
+        *older, rs = tier["replica_sets"]
+        return all(r["replicas"] == 0 for r in older) and all(
             p["name"].startswith(f"{WORKERS}-{rs['hash']}-") or p["phase"] == "Terminating"
             for p in tier["pods"]
         )

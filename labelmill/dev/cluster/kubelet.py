@@ -63,6 +63,7 @@ from labelmill.dev.cluster.substitutions import (
     NODE_NAME,
     POD_IP,
     VENV_BIN,
+    Image,
     Rewriter,
     image_for,
     local_argv,
@@ -382,7 +383,7 @@ class Pod:
         if cwd == workdir:  # an image folder that is no mount: the container's own layer
             cwd = str(self.dir / "rootfs" / workdir.lstrip("/"))
         Path(cwd).mkdir(parents=True, exist_ok=True)
-        local = [rewrite(a) for a in local_argv(image, argv, self.ports)]
+        local = _local_command(image, argv, self.ports, rewrite)
         return local, env, cwd, rewrite
 
     # ------------------------------------------------------------ lifecycle
@@ -548,7 +549,7 @@ class Pod:
 
         def exec_argv(command: Sequence[str]) -> list[str]:
             static = expansion.expand_command_static(command, c.spec)
-            return self._in_cgroup(c, [rewrite(a) for a in local_argv(image, static, self.ports)])
+            return self._in_cgroup(c, _local_command(image, static, self.ports, rewrite))
 
         checks = Checks(port=self.local_port, exec_argv=exec_argv, env=env, cwd=cwd)
         specs = [
@@ -625,7 +626,7 @@ class Pod:
                 _argv, env, cwd, rewrite = self._launch_spec(c)
                 image = image_for(str(c.spec.get("image", "")))
                 command = expansion.expand_command(hook["exec"]["command"], env)
-                local = [rewrite(a) for a in local_argv(image, command, self.ports)]
+                local = _local_command(image, command, self.ports, rewrite)
                 subprocess.run(
                     self._in_cgroup(c, local), env=env, cwd=cwd, timeout=budget,
                     capture_output=True,
@@ -675,6 +676,20 @@ class Pod:
             raise KeyError(f"container {c.name} of pod {self.name} is not running")
         _kill_group(c.proc.pid)
         return c.name
+
+
+def _local_command(
+    image: Image, argv: Sequence[str], ports: Mapping[int, int], rewrite: Rewriter
+) -> list[str]:
+    """A container's command line on this machine.
+
+    Only the container's own arguments are rewritten: the local binaries put
+    in front of them (a path under /tmp, say, when the checkout lives there)
+    are this machine's, not the container's.
+    """
+    if not argv:
+        return local_argv(image, argv, ports)
+    return local_argv(image, [argv[0], *(rewrite(a) for a in argv[1:])], ports)
 
 
 def _kill_group(pgid: int) -> None:
