@@ -14,12 +14,17 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import boto3
+import yaml
 
+from labelmill.dev.cluster.node import pod_resources
 from labelmill.ledger import Ledger
+from tests import images
 from tests.fixtures.procs import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,3 +194,40 @@ def alive(pid: int) -> bool:
     except (ProcessLookupError, FileNotFoundError):
         return False
     return state != "Z"
+
+
+def manifests(folder: str, *kinds: str) -> dict[str, dict[str, Any]]:
+    """The objects of these kinds in ``REPO/folder/*.yaml``, by name (as ``kubectl apply -f``)."""
+    out = {}
+    for path in sorted((REPO / folder).glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") in kinds:
+                out[doc["metadata"]["name"]] = doc
+    return out
+
+
+def requested_memory() -> dict[str, int]:
+    """Each workload of k8s/ and the memory one of its pods requests (PodRequests)."""
+    return {
+        name: pod_resources(doc["spec"]["template"]["spec"]).memory
+        for name, doc in manifests("k8s", "Deployment", "StatefulSet").items()
+    }
+
+
+def photos(n: int, prefix: str = "in") -> dict[str, bytes]:
+    """``n`` small JPEGs under ``prefix/``."""
+    return {f"{prefix}/img-{i:04d}.jpg": images.jpeg(96, 64, seed=i) for i in range(n)}
+
+
+def assert_one_line_each(
+    c: Cluster, bucket: str, job: str, objects: Mapping[str, bytes]
+) -> list[dict[str, Any]]:
+    """One line per object, none failed, and the job's counts agree with the lines."""
+    lines = c.lines(bucket, job)
+    assert Counter(str(r["uri"]) for r in lines) == Counter(f"s3://{bucket}/{k}" for k in objects)
+    assert [r for r in lines if r["status"] != "ok"] == []
+    st = c.job_status(job)
+    n = len(objects)
+    assert st["images"] == {"total": n, "ok": n, "error": 0, "skipped": 0}
+    assert st["batches"]["dead"] == 0
+    return lines

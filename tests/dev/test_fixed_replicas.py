@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests import images
-from tests.dev.cluster import CLI, REPO, Cluster, alive
+from tests.dev.cluster import CLI, REPO, Cluster, alive, assert_one_line_each, manifests
 from tests.fixtures.procs import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
@@ -26,12 +24,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 def _expected_replicas() -> dict[str, int]:
     """Each workload of k8s/ and the count the API server gives it (defaults.go: 1)."""
-    out = {}
-    for path in sorted((REPO / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if isinstance(doc, dict) and doc.get("kind") in ("Deployment", "StatefulSet"):
-                out[doc["metadata"]["name"]] = int(doc["spec"].get("replicas", 1))
-    return out
+    return {
+        name: int(doc["spec"].get("replicas", 1))
+        for name, doc in manifests("k8s", "Deployment", "StatefulSet").items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +101,7 @@ def test_a_job_enqueued_with_dir_env_gets_one_line_per_image(cluster: Cluster) -
     job, result, _ = c.enqueue(bucket, "--batch-size", "4")
     assert result["model_version"] == 1
     c.wait_done(job, timeout=120)
-    uris = Counter(str(line["uri"]) for line in c.lines(bucket, job))
-    assert uris == Counter(f"s3://{bucket}/{key}" for key in photos)
-    assert c.job_status(job)["images"]["ok"] == len(photos)
+    assert_one_line_each(c, bucket, job, photos)
 
 
 def test_a_killed_container_is_restarted_and_status_says_how_it_ended(cluster: Cluster) -> None:

@@ -9,30 +9,23 @@ Pending. Run these alone with ``pytest -m cluster``.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import yaml
 
-from labelmill.dev.cluster.node import pod_resources
-from tests import images
-from tests.dev.cluster import REPO, Cluster
+from tests.dev.cluster import (
+    Cluster,
+    assert_one_line_each,
+    manifests,
+    photos,
+    requested_memory,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 
-def _docs(folder: str, kind: str) -> dict[str, dict[str, Any]]:
-    out = {}
-    for path in sorted((REPO / folder).glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if isinstance(doc, dict) and doc.get("kind") == kind:
-                out[doc["metadata"]["name"]] = doc
-    return out
-
-
-SCALED = {name: doc["spec"] for name, doc in _docs("keda", "ScaledObject").items()}
+SCALED = {name: doc["spec"] for name, doc in manifests("keda", "ScaledObject").items()}
 TIERS = tuple(sorted(spec["scaleTargetRef"]["name"] for spec in SCALED.values()))
 MODEL_TIER = "tf-serving"
 
@@ -41,8 +34,7 @@ MODEL_TIER = "tf-serving"
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # Room (by requests) for every fixed workload, four worker pods and one
     # and a half model pods.
-    workloads = _docs("k8s", "Deployment") | _docs("k8s", "StatefulSet")
-    memory = {n: pod_resources(d["spec"]["template"]["spec"]).memory for n, d in workloads.items()}
+    memory = requested_memory()
     fixed = sum(m for n, m in memory.items() if n not in TIERS)
     node = fixed + 4 * memory["workers"] + 3 * memory[MODEL_TIER] // 2
     c = Cluster(tmp_path_factory.mktemp("cluster") / "c", "--node-memory", str(node), time_scale=20)
@@ -51,19 +43,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
-
-
-def _photos(n: int) -> dict[str, bytes]:
-    return {f"in/img-{i:03d}.jpg": images.jpeg(96, 64, seed=i) for i in range(n)}
-
-
-def _exactly_one_line_each(c: Cluster, bucket: str, job: str, n: int) -> None:
-    lines = c.lines(bucket, job)
-    assert Counter(str(r["uri"]) for r in lines) == Counter(
-        f"s3://{bucket}/{key}" for key in _photos(n)
-    )
-    assert [r for r in lines if r["status"] != "ok"] == []
-    assert c.job_status(job)["images"]["ok"] == n
 
 
 def _at_zero(c: Cluster) -> bool:
@@ -88,13 +67,14 @@ def test_from_zero_both_tiers_scale_up_finish_the_job_and_return_to_zero(
     assert len(TIERS) == 2 and MODEL_TIER in TIERS
     # The Deployments start at 1 (no replicas field); KEDA takes both to 0.
     c.wait(lambda: _at_zero(c), timeout=60, what="both scaled tiers at zero")
-    bucket = c.bucket_of_images(_photos(6))
+    small = photos(6)
+    bucket = c.bucket_of_images(small)
     job, result, _ = c.enqueue(bucket, "--batch-size", "2")
     assert result["model_version"] is None  # nothing served a version: enqueue did not wait
     c.wait(lambda: all(_scaled_up(c, t) for t in TIERS), timeout=120,
            what="both tiers scaled up and ready")  # fmt: skip
     c.wait_done(job, timeout=120)
-    _exactly_one_line_each(c, bucket, job, 6)
+    assert_one_line_each(c, bucket, job, small)
     c.wait(lambda: _at_zero(c), timeout=120, what="both tiers back at zero")
 
 
@@ -105,7 +85,8 @@ def test_on_a_node_too_small_the_second_model_pod_stays_pending_and_the_job_comp
     c = cluster
     target = int(SCALED[MODEL_TIER]["triggers"][0]["metadata"]["listLength"])
     n = target * 2  # one batch per image: the HPA asks for two model pods
-    bucket = c.bucket_of_images(_photos(n))
+    many = photos(n)
+    bucket = c.bucket_of_images(many)
     job, _, _ = c.enqueue(bucket, "--batch-size", "1")
 
     def one_serving_one_pending() -> list[dict[str, Any]] | None:
@@ -120,7 +101,7 @@ def test_on_a_node_too_small_the_second_model_pod_stays_pending_and_the_job_comp
         "Unschedulable: 0/1 nodes are available: 1 Insufficient memory"
     ]
     c.wait_done(job, timeout=180)
-    _exactly_one_line_each(c, bucket, job, n)
+    assert_one_line_each(c, bucket, job, many)
     model = [e for e in c.events() if e["deployment"] == MODEL_TIER]
     assert max(e["ready"] for e in model) == 1
     assert any(e["replicas"] >= 2 and e["pending"] >= 1 for e in model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -152,36 +154,33 @@ def _cgroups(limit: int) -> MemoryCgroups:
 HOG = "b = bytearray(400 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('survived')"
 
 
-@pytest.mark.timeout(120)
-def test_a_container_past_its_memory_limit_is_oom_killed_and_reported_so(tmp_path: Path) -> None:
+@contextmanager
+def _one_container_pod(
+    tmp_path: Path, name: str, code: str, logs: list[str]
+) -> Iterator[tuple[Pod, MemoryCgroups]]:
+    """A bound pod of one worker-image container running ``python -c code`` at 128Mi."""
     cgroups = _cgroups(1 * Gi)
-    logs: list[str] = []
     ctx = PodContext(
         root=tmp_path, namespace="t", secrets={}, config_maps={}, service_refs={},
         service_env={}, literals={}, log=logs.append, cgroups=cgroups,
     )  # fmt: skip
     template = {
-        "metadata": {"labels": {"app": "hog"}},
         "spec": {
             "terminationGracePeriodSeconds": 2,
             "containers": [
                 {
-                    "name": "hog",
+                    "name": name,
                     "image": "registry.example.com/labelmill/worker:test",
-                    "command": ["python", "-c", HOG],
+                    "command": ["python", "-c", code],
                     "resources": {"limits": {"memory": "128Mi"}},
                 }
             ],
         },
     }
-    pod = Pod("hog-0", "hog", template, ctx)
+    pod = Pod(f"{name}-0", name, template, ctx)
     try:
         pod.bind()
-        hog = pod.containers[0]
-        wait_until(lambda: hog.last_reason, timeout=60, what="the hog to end")
-        assert hog.last_reason == "OOMKilled" and hog.last_exit == 137, logs
-        assert "survived" not in (tmp_path / "pods/hog-0/logs/hog.log").read_text().splitlines()
-        assert cgroups.peak() <= 128 * Mi + 8 * Mi
+        yield pod, cgroups
     finally:
         pod.delete()
         assert pod.terminated.wait(60)
@@ -190,40 +189,28 @@ def test_a_container_past_its_memory_limit_is_oom_killed_and_reported_so(tmp_pat
 
 
 @pytest.mark.timeout(120)
+def test_a_container_past_its_memory_limit_is_oom_killed_and_reported_so(tmp_path: Path) -> None:
+    logs: list[str] = []
+    with _one_container_pod(tmp_path, "hog", HOG, logs) as (pod, cgroups):
+        hog = pod.containers[0]
+        wait_until(lambda: hog.last_reason, timeout=60, what="the hog to end")
+        assert hog.last_reason == "OOMKilled" and hog.last_exit == 137, logs
+        assert "survived" not in (tmp_path / "pods/hog-0/logs/hog.log").read_text().splitlines()
+        assert cgroups.peak() <= 128 * Mi + 8 * Mi
+
+
+@pytest.mark.timeout(120)
 def test_an_oom_kill_of_one_process_ends_the_whole_container(tmp_path: Path) -> None:
     """The parent outlives its OOM-killed child unless the kubelet ends the container."""
-    cgroups = _cgroups(1 * Gi)
-    ctx = PodContext(
-        root=tmp_path, namespace="t", secrets={}, config_maps={}, service_refs={},
-        service_env={}, literals={}, log=lambda _m: None, cgroups=cgroups,
-    )  # fmt: skip
     parent = (
         "import subprocess, sys, time; "
         f"subprocess.run([sys.executable, '-c', {HOG!r}]); time.sleep(600)"
     )
-    template = {
-        "spec": {
-            "terminationGracePeriodSeconds": 2,
-            "containers": [
-                {
-                    "name": "pool",
-                    "image": "registry.example.com/labelmill/worker:test",
-                    "command": ["python", "-c", parent],
-                    "resources": {"limits": {"memory": "128Mi"}},
-                }
-            ],
-        },
-    }
-    pod = Pod("pool-0", "pool", template, ctx)
-    try:
-        pod.bind()
+    logs: list[str] = []
+    with _one_container_pod(tmp_path, "pool", parent, logs) as (pod, _):
         pool = pod.containers[0]
         wait_until(lambda: pool.last_reason, timeout=60, what="the container to end")
-        assert (pool.last_reason, pool.last_exit) == ("OOMKilled", 137)
-    finally:
-        pod.delete()
-        assert pod.terminated.wait(60)
-        cgroups.remove()
+        assert (pool.last_reason, pool.last_exit) == ("OOMKilled", 137), logs
 
 
 def test_up_refuses_a_node_bigger_than_the_machine(tmp_path: Path) -> None:

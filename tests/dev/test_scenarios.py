@@ -12,42 +12,28 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from labelmill.dev.cluster.node import pod_resources
 from labelmill.dev.cluster.substitutions import MODELS_BUCKET, VENV_BIN
 from labelmill.errors import ServiceError
 from labelmill.model_client import ModelClient
 from tests import images
-from tests.dev.cluster import REPO, Cluster
+from tests.dev.cluster import REPO, Cluster, assert_one_line_each, photos, requested_memory
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 WORKERS, MODEL_TIER = "workers", "tf-serving"
 
 
-def _workloads() -> dict[str, dict[str, Any]]:
-    out = {}
-    for path in sorted((REPO / "k8s").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if isinstance(doc, dict) and doc.get("kind") in ("Deployment", "StatefulSet"):
-                out[doc["metadata"]["name"]] = doc
-    return out
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # Room (by requests) for every fixed workload, three worker pods and two
     # model pods.
-    memory = {
-        n: pod_resources(d["spec"]["template"]["spec"]).memory for n, d in _workloads().items()
-    }
+    memory = requested_memory()
     fixed = sum(m for n, m in memory.items() if n not in (WORKERS, MODEL_TIER))
     node = fixed + 3 * memory[WORKERS] + 2 * memory[MODEL_TIER]
     c = Cluster(tmp_path_factory.mktemp("cluster") / "c", "--node-memory", str(node),
@@ -57,22 +43,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
-
-
-def _photos(n: int, prefix: str = "in") -> dict[str, bytes]:
-    return {f"{prefix}/img-{i:04d}.jpg": images.jpeg(96, 64, seed=i) for i in range(n)}
-
-
-def _lines_exactly_once(c: Cluster, bucket: str, job: str, n: int) -> list[dict[str, Any]]:
-    """One line per image, none failed, and the job's counts agree with the lines."""
-    lines = c.lines(bucket, job)
-    seen = Counter(str(r["uri"]) for r in lines)
-    assert seen == Counter(f"s3://{bucket}/{key}" for key in _photos(n))
-    assert [r for r in lines if r["status"] != "ok"] == []
-    st = c.job_status(job)
-    assert st["images"] == {"total": n, "ok": n, "error": 0, "skipped": 0}
-    assert st["batches"]["dead"] == 0
-    return lines
 
 
 def _serving(c: Cluster) -> ModelClient:
@@ -86,15 +56,15 @@ def test_scale_in_and_a_deleted_worker_pod_lose_nothing_and_count_nothing_twice(
     cluster: Cluster,
 ) -> None:
     c = cluster
-    n = 400
-    bucket = c.bucket_of_images(_photos(n))
+    objects = photos(400)
+    bucket = c.bucket_of_images(objects)
     job, _, _ = c.enqueue(bucket, "--batch-size", "1")
     # A worker pod that holds the job's batches is deleted: preStop, the
     # stop signal (Celery's soft shutdown), then SIGKILL after the grace period.
     pods = c.wait(lambda: c.ready_pods(WORKERS), timeout=120, what="a ready worker pod")
     c.ctl("delete", pods[0])
     c.wait_done(job, timeout=240)
-    _lines_exactly_once(c, bucket, job, n)
+    assert_one_line_each(c, bucket, job, objects)
     # The HPA removed workers while the job still had work outstanding.
     events = [e for e in c.events() if e["deployment"] == WORKERS]
     peak = max(e["replicas"] for e in events)
@@ -116,8 +86,8 @@ def test_a_model_version_pushed_mid_job_is_served_to_the_next_job_only(
          "--arch", "tiny", "--weights", "random", "--seed", "2"],
         env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"}, check=True, capture_output=True, timeout=180,
     )  # fmt: skip
-    n = 200
-    bucket = c.bucket_of_images(_photos(n))
+    objects = photos(200)
+    bucket = c.bucket_of_images(objects)
     job, _, _ = c.enqueue(bucket, "--batch-size", "1")
     c.wait(lambda: c.job_status(job)["model"]["version"] == 1, timeout=120,
            what="the job pinned to version 1")  # fmt: skip
@@ -127,7 +97,7 @@ def test_a_model_version_pushed_mid_job_is_served_to_the_next_job_only(
         env=env, check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     c.wait_done(job, timeout=240)
-    lines = _lines_exactly_once(c, bucket, job, n)
+    lines = assert_one_line_each(c, bucket, job, objects)
     assert {r["model"]["version"] for r in lines} == {1}
 
     # The model-sync sidecar (every 30 s) brings version 2 to running pods and
@@ -150,10 +120,13 @@ def test_a_model_version_pushed_mid_job_is_served_to_the_next_job_only(
     c.wait(v2_served_or_tier_at_zero, timeout=120, what="version 2 served (or the tier at zero)")
     if seen.get(2) == "AVAILABLE":
         assert seen.get(1) == "AVAILABLE", seen  # the two newest stay loaded
-    bucket2 = c.bucket_of_images(_photos(4))
+    next_objects = photos(4)
+    bucket2 = c.bucket_of_images(next_objects)
     job2, _, _ = c.enqueue(bucket2, "--batch-size", "2")
     c.wait_done(job2, timeout=180)
-    assert {r["model"]["version"] for r in _lines_exactly_once(c, bucket2, job2, 4)} == {2}
+    assert {
+        r["model"]["version"] for r in assert_one_line_each(c, bucket2, job2, next_objects)
+    } == {2}
 
 
 def _model_pods(c: Cluster) -> dict[str, dict[str, Any]]:
@@ -165,8 +138,8 @@ def test_a_tf_serving_rollout_mid_job_fails_no_batch_and_new_pods_take_the_traff
     cluster: Cluster,
 ) -> None:
     c = cluster
-    n = 300
-    bucket = c.bucket_of_images(_photos(n))
+    objects = photos(300)
+    bucket = c.bucket_of_images(objects)
     job, _, _ = c.enqueue(bucket, "--batch-size", "1")
     before = c.wait(lambda: [p for p, s in _model_pods(c).items() if s["ready"]], timeout=120,
                     what="a ready model pod")  # fmt: skip
@@ -181,12 +154,13 @@ def test_a_tf_serving_rollout_mid_job_fails_no_batch_and_new_pods_take_the_traff
 
     c.wait(rolled, timeout=180, what="the rollout complete, the old pods gone")
     c.wait_done(job, timeout=120)
-    _lines_exactly_once(c, bucket, job, n)
+    assert_one_line_each(c, bucket, job, objects)
     # Only the new pods are left to serve: the next job runs on them.
-    bucket2 = c.bucket_of_images(_photos(6))
+    next_objects = photos(6)
+    bucket2 = c.bucket_of_images(next_objects)
     job2, _, _ = c.enqueue(bucket2, "--batch-size", "2")
     c.wait_done(job2, timeout=60)
-    _lines_exactly_once(c, bucket2, job2, 6)
+    assert_one_line_each(c, bucket2, job2, next_objects)
 
 
 @pytest.mark.timeout(360)
@@ -236,7 +210,4 @@ def test_an_oom_killed_worker_container_restarts_and_its_batches_run_again_withi
            timeout=60, what=f"{pod} restarted")  # fmt: skip
     c.ctl("undo", f"deployment/{WORKERS}")
     c.wait_done(job, timeout=120)  # the dead container's batches ran again elsewhere
-    lines = c.lines(bucket, job)
-    assert Counter(str(r["uri"]) for r in lines) == Counter(f"s3://{bucket}/{k}" for k in objects)
-    assert [r for r in lines if r["status"] != "ok"] == []
-    assert c.job_status(job)["batches"]["dead"] == 0
+    assert_one_line_each(c, bucket, job, objects)
