@@ -118,6 +118,7 @@ def test_service_links_match_the_kubelet() -> None:
 def _rewriter() -> Rewriter:
     return (
         Rewriter()
+        .dns_targets([("tf-serving", "labelmill")], "127.0.0.1:5353")
         .services({("redis", "labelmill", 6379): ("127.0.0.1", 41000),
                    ("tf-serving", "labelmill", 8500): ("127.0.0.1", 42000)})
         .literals({"REPLACE-models-bucket": MODELS_BUCKET})
@@ -134,7 +135,17 @@ def _rewriter() -> Rewriter:
         ("redis:6379", "127.0.0.1:41000"),
         ("redis.labelmill:6379", "127.0.0.1:41000"),
         ("redis.labelmill.svc:6379", "127.0.0.1:41000"),
-        ("dns:///tf-serving.labelmill.svc.cluster.local:8500", "dns:///127.0.0.1:42000"),
+        # A headless Service's gRPC target asks the cluster's DNS, name and port kept:
+        (
+            "dns:///tf-serving.labelmill.svc.cluster.local:8500",
+            "dns://127.0.0.1:5353/tf-serving.labelmill.svc.cluster.local:8500",
+        ),
+        (
+            "dns:///tf-serving:8500",
+            "dns://127.0.0.1:5353/tf-serving.labelmill.svc.cluster.local:8500",
+        ),
+        # ... any other reference to it goes through its proxy:
+        ("tf-serving.labelmill:8500", "127.0.0.1:42000"),
         ("--port=8500", "--port=50001"),
         ("9100", "50002"),
         ("port 6379\ndir /data\n", "port 50003\ndir /pvc/data-redis-0\n"),
@@ -164,16 +175,17 @@ def test_replaced_text_is_not_rescanned() -> None:
 
 def test_images_map_to_local_commands() -> None:
     worker = image_for("registry.example.com/labelmill/worker:0.1.0")
-    assert local_argv(worker, ["python", "-m", "x"], {})[0] == sys.executable
-    assert local_argv(worker, ["celery", "-A", "workers"], {})[0].endswith("/celery")
+    ip = "127.9.0.3"
+    assert local_argv(worker, ["python", "-m", "x"], {}, ip)[0] == sys.executable
+    assert local_argv(worker, ["celery", "-A", "workers"], {}, ip)[0].endswith("/celery")
     serving = image_for("tensorflow/serving:2.19.0")
-    argv = local_argv(serving, ["tensorflow_model_server", "--port=8500"], {})
-    assert argv[1:] == ["local", "--host=127.0.0.1", "--port=8500"]
+    argv = local_argv(serving, ["tensorflow_model_server", "--port=8500"], {}, ip)
+    assert argv[1:] == ["local", f"--host={ip}", "--port=8500"]
     redis_image = image_for("redis:7.4.2-bookworm")
-    assert local_argv(redis_image, ["redis-cli", "ping"], {6379: 4242}) == [
-        "redis-cli", "-p", "4242", "ping",
+    assert local_argv(redis_image, ["redis-cli", "ping"], {6379: 4242}, ip) == [
+        "redis-cli", "-h", ip, "-p", "4242", "ping",
     ]  # fmt: skip
-    assert local_argv(redis_image, ["redis-server", "/c"], {})[-2:] == ["--bind", "127.0.0.1"]
+    assert local_argv(redis_image, ["redis-server", "/c"], {}, ip)[-2:] == ["--bind", ip]
 
 
 # ------------------------------------------------------------------ kubelet and controllers
@@ -246,5 +258,5 @@ def test_only_the_containers_own_arguments_are_rewritten() -> None:
 
     image = Image("worker:*", binaries={"celery": ["/tmp/clone/.venv/bin/celery"]})
     rewrite = Rewriter().mounts({"/tmp": "/pods/p/volumes/tmp"})
-    argv = _local_command(image, ["celery", "--logfile=/tmp/w.log"], {}, rewrite)
+    argv = _local_command(image, ["celery", "--logfile=/tmp/w.log"], {}, "127.9.0.3", rewrite)
     assert argv == ["/tmp/clone/.venv/bin/celery", "--logfile=/pods/p/volumes/tmp/w.log"]

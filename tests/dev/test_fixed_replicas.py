@@ -8,15 +8,27 @@ cluster before KEDA is installed).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.message
+import dns.query
 import pytest
 
 from tests import images
-from tests.dev.cluster import CLI, REPO, Cluster, alive, assert_one_line_each, manifests
+from tests.dev.cluster import (
+    CLI,
+    REPO,
+    Cluster,
+    alive,
+    assert_one_line_each,
+    manifests,
+    photos,
+)
 from tests.fixtures.procs import wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
@@ -117,6 +129,53 @@ def test_a_killed_container_is_restarted_and_status_says_how_it_ended(cluster: C
     worker = c.wait(restarted, timeout=120, what=f"{pod} restarted and ready")
     # SIGKILL: the runtime reports 128 + 9, and the kubelet the reason Error.
     assert worker["last_exit"] == 137 and worker["last_reason"] == "Error"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_workers_dial_the_headless_model_service_by_dns_and_follow_a_replaced_pod(
+    cluster: Cluster,
+) -> None:
+    """tf-serving is headless: the workers' channel resolves every ready model pod.
+
+    Nothing stands between a worker and a model pod (no proxy), so a job that
+    completes after the model pod was replaced shows that the worker's own
+    channel found the new pod's address.
+    """
+    c = cluster
+    worker = c.tier("workers")["pods"][0]["containers"]["worker"]
+    target = _environ(worker["pid"])["LABELMILL_MODEL_SERVER"]
+    m = re.fullmatch(r"dns://([\d.]+):(\d+)/([\w.-]+):(\d+)", target)
+    assert m, target
+    server, port, name = m.group(1), int(m.group(2)), m.group(3)
+    assert f"{server}:{port}" == json.loads((c.root / "cluster.json").read_text())["dns"]
+
+    def answer() -> list[str]:
+        reply = dns.query.udp(dns.message.make_query(name, "A"), server, port=port, timeout=5)
+        return sorted(r.address for rrset in reply.answer for r in rrset)
+
+    def one_ready_pod_answered() -> str | None:
+        ready = sorted(p["ip"] for p in c.tier("tf-serving")["pods"] if p["ready"])
+        return ready[0] if len(ready) == 1 and answer() == ready else None
+
+    first = c.wait(one_ready_pod_answered, timeout=60, what="DNS answers the ready model pod")
+    (pod,) = c.ready_pods("tf-serving")
+    c.ctl("delete", pod)
+    c.wait(lambda: first not in answer(), timeout=30, what="the deleted pod out of DNS")
+    second = c.wait(
+        lambda: (ip := one_ready_pod_answered()) != first and ip,
+        timeout=180,
+        what="the replacement pod ready and in DNS",
+    )
+    assert second != first
+    objects = photos(4)
+    bucket = c.bucket_of_images(objects)
+    job, _, _ = c.enqueue(bucket, "--batch-size", "2")
+    c.wait_done(job, timeout=120)
+    assert_one_line_each(c, bucket, job, objects)
 
 
 def test_down_stops_every_process_it_started(cluster: Cluster) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from labelmill.dev.cluster.clusterdns import PodAddresses
 from labelmill.dev.cluster.kubelet import Pod, PodContext
 from labelmill.dev.cluster.node import (
     CgroupError,
@@ -162,7 +163,8 @@ def _one_container_pod(
     cgroups = _cgroups(1 * Gi)
     ctx = PodContext(
         root=tmp_path, namespace="t", secrets={}, config_maps={}, service_refs={},
-        service_env={}, literals={}, log=logs.append, cgroups=cgroups,
+        service_env={}, literals={}, log=logs.append, pod_ip=PodAddresses().allocate,
+        cgroups=cgroups,
     )  # fmt: skip
     template = {
         "spec": {

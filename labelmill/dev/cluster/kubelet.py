@@ -59,9 +59,9 @@ from labelmill.dev.cluster.node import (
 )
 from labelmill.dev.cluster.probes import Checks, ProbeSpec, ProbeWorker
 from labelmill.dev.cluster.substitutions import (
+    HOST_IP,
     NODE_ENV,
     NODE_NAME,
-    POD_IP,
     VENV_BIN,
     Image,
     Rewriter,
@@ -87,6 +87,12 @@ class PodContext:
     service_env: Mapping[str, str]
     literals: Mapping[str, str]
     log: Callable[[str], None]
+    pod_ip: Callable[[], str]  # the pod network's next address
+    # Headless Services: (selector, targetPort) of each port, and the DNS
+    # server's "host:port" that answers their names.
+    headless: Sequence[tuple[Mapping[str, str], int | str]] = ()
+    headless_names: Sequence[tuple[str, str]] = ()
+    dns: str = ""
     cgroups: MemoryCgroups | None = None
 
 
@@ -182,6 +188,7 @@ class Pod:
         self.unschedulable = ""  # why the scheduler could not place it (yet)
         self.cgroup: Path | None = None
         self.grace_s = float(self.spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
+        self.ip = ""  # given when the pod starts, as the CNI plugin gives it
         self.ports: dict[int, int] = {}
         self.port_names: dict[str, int] = {}
         self.volumes: dict[str, Path] = {}
@@ -245,6 +252,7 @@ class Pod:
             "node": NODE_NAME if self.bound else None,
             "reason": "" if self.bound else f"Unschedulable: {self.unschedulable}",
             "restarts": self.restarts,
+            "ip": self.ip,
             "ports": {str(k): v for k, v in self.ports.items()},
             "containers": {
                 c.name: {
@@ -274,12 +282,15 @@ class Pod:
     def _prepare(self) -> None:
         for sub in ("logs", "rootfs/tmp", "volumes"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.ip = self.ctx.pod_ip()
+        declared = []
         for c in [*self.init_containers, *self.containers]:
             for p in c.spec.get("ports") or []:
-                number = int(p["containerPort"])
-                self.ports.setdefault(number, free_port())
+                declared.append(int(p["containerPort"]))
                 if p.get("name"):
-                    self.port_names[str(p["name"])] = number
+                    self.port_names[str(p["name"])] = declared[-1]
+        kept = self._headless_ports()
+        self.ports = {n: n if n in kept else free_port() for n in declared}
         for vol in self.spec.get("volumes") or []:
             path = self.dir / "volumes" / vol["name"]
             path.mkdir(parents=True, exist_ok=True)
@@ -304,6 +315,18 @@ class Pod:
                 target = self.volumes[vol["name"]] / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(rewrite(source[key]))
+
+    def _headless_ports(self) -> set[int]:
+        """The containerPorts a headless Service selecting this pod targets."""
+        kept = set()
+        for selector, target in self.ctx.headless:
+            if selector and all(self.labels.get(k) == v for k, v in selector.items()):
+                if isinstance(target, str) and not target.isdigit():
+                    if target in self.port_names:
+                        kept.add(self.port_names[target])
+                else:
+                    kept.add(int(target))
+        return kept
 
     @staticmethod
     def _object(
@@ -331,6 +354,7 @@ class Pod:
     def _rewriter(self, mounts: Mapping[str, str]) -> Rewriter:
         return (
             Rewriter()
+            .dns_targets(self.ctx.headless_names, self.ctx.dns)
             .services(self.ctx.service_refs)
             .literals(self.ctx.literals)
             .mounts(mounts)
@@ -347,7 +371,7 @@ class Pod:
                 "annotations": self.annotations,
             },
             "spec": {**self.spec, "nodeName": NODE_NAME},
-            "status": {"podIP": POD_IP, "hostIP": POD_IP},
+            "status": {"podIP": self.ip, "hostIP": HOST_IP},
         }
 
     def _launch_spec(self, c: Container) -> tuple[list[str], dict[str, str], str, Rewriter]:
@@ -383,7 +407,7 @@ class Pod:
         if cwd == workdir:  # an image folder that is no mount: the container's own layer
             cwd = str(self.dir / "rootfs" / workdir.lstrip("/"))
         Path(cwd).mkdir(parents=True, exist_ok=True)
-        local = _local_command(image, argv, self.ports, rewrite)
+        local = _local_command(image, argv, self.ports, self.ip, rewrite)
         return local, env, cwd, rewrite
 
     # ------------------------------------------------------------ lifecycle
@@ -549,9 +573,9 @@ class Pod:
 
         def exec_argv(command: Sequence[str]) -> list[str]:
             static = expansion.expand_command_static(command, c.spec)
-            return self._in_cgroup(c, _local_command(image, static, self.ports, rewrite))
+            return self._in_cgroup(c, _local_command(image, static, self.ports, self.ip, rewrite))
 
-        checks = Checks(port=self.local_port, exec_argv=exec_argv, env=env, cwd=cwd)
+        checks = Checks(host=self.ip, port=self.local_port, exec_argv=exec_argv, env=env, cwd=cwd)
         specs = [
             ProbeSpec.from_manifest(kind, c.spec[f"{kind}Probe"])
             for kind in ("startup", "readiness", "liveness")
@@ -626,7 +650,7 @@ class Pod:
                 _argv, env, cwd, rewrite = self._launch_spec(c)
                 image = image_for(str(c.spec.get("image", "")))
                 command = expansion.expand_command(hook["exec"]["command"], env)
-                local = _local_command(image, command, self.ports, rewrite)
+                local = _local_command(image, command, self.ports, self.ip, rewrite)
                 subprocess.run(
                     self._in_cgroup(c, local), env=env, cwd=cwd, timeout=budget,
                     capture_output=True,
@@ -679,7 +703,7 @@ class Pod:
 
 
 def _local_command(
-    image: Image, argv: Sequence[str], ports: Mapping[int, int], rewrite: Rewriter
+    image: Image, argv: Sequence[str], ports: Mapping[int, int], ip: str, rewrite: Rewriter
 ) -> list[str]:
     """A container's command line on this machine.
 
@@ -688,8 +712,8 @@ def _local_command(
     are this machine's, not the container's.
     """
     if not argv:
-        return local_argv(image, argv, ports)
-    return local_argv(image, [argv[0], *(rewrite(a) for a in argv[1:])], ports)
+        return local_argv(image, argv, ports, ip)
+    return local_argv(image, [argv[0], *(rewrite(a) for a in argv[1:])], ports, ip)
 
 
 def _kill_group(pgid: int) -> None:

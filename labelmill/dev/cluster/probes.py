@@ -63,11 +63,13 @@ class Checks:
     def __init__(
         self,
         *,
+        host: str,
         port: Callable[[int | str], int],
         exec_argv: Callable[[Sequence[str]], list[str]],
         env: Mapping[str, str],
         cwd: str,
     ) -> None:
+        self._host = host
         self._port = port
         self._exec_argv = exec_argv
         self._env = dict(env)
@@ -79,7 +81,7 @@ class Checks:
                 return self._exec(handler["exec"]["command"], timeout_s)
             if "tcpSocket" in handler:
                 port = self._port(handler["tcpSocket"]["port"])
-                with socket.create_connection(("127.0.0.1", port), timeout=timeout_s):
+                with socket.create_connection((self._host, port), timeout=timeout_s):
                     return True, ""
             if "grpc" in handler:
                 return self._grpc(handler["grpc"], timeout_s)
@@ -110,7 +112,7 @@ class Checks:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        target = f"127.0.0.1:{self._port(spec['port'])}"
+        target = f"{self._host}:{self._port(spec['port'])}"
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
@@ -125,7 +127,7 @@ class Checks:
 
     def _http(self, spec: Mapping[str, Any], timeout_s: float) -> tuple[bool, str]:
         scheme = str(spec.get("scheme", "HTTP")).lower()
-        url = f"{scheme}://127.0.0.1:{self._port(spec['port'])}{spec.get('path', '/')}"
+        url = f"{scheme}://{self._host}:{self._port(spec['port'])}{spec.get('path', '/')}"
         request = urllib.request.Request(url)
         for header in spec.get("httpHeaders") or []:
             request.add_header(header["name"], header["value"])

@@ -24,6 +24,7 @@ from labelmill.dev.cluster.autoscale import (
     ScaledObjectSpec,
     redis_list_length,
 )
+from labelmill.dev.cluster.clusterdns import ClusterDNS, PodAddresses
 from labelmill.dev.cluster.controllers import Workload
 from labelmill.dev.cluster.expansion import service_env
 from labelmill.dev.cluster.kubelet import Pod, PodContext
@@ -45,6 +46,7 @@ from labelmill.dev.cluster.substitutions import (
     REPO_ROOT,
     VENV_BIN,
     Rewriter,
+    service_names,
 )
 from labelmill.stack import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, StackError, _bin, s3_config
 
@@ -102,6 +104,8 @@ class Cluster:
         self.s3: subprocess.Popen[bytes] | None = None
         self.s3_endpoint = ""
         self.proxies: dict[tuple[str, str], ServiceProxy] = {}
+        self.dns = ClusterDNS()
+        self.pod_addresses = PodAddresses()
         self.workloads: list[Workload] = []
         self.scalers: list[tuple[ScaledObjectSpec, Autoscaler]] = []
         self.outstanding: int | None = None  # ZCARD of the ledger's outstanding set
@@ -249,6 +253,12 @@ class Cluster:
         )  # fmt: skip
 
     def _start_services(self) -> None:
+        self.dns.start()
+        self.log(
+            "dns {}:{} answers the headless Services; pod network {}".format(
+                *self.dns.address, self.pod_addresses.cidr
+            )
+        )
         for svc in self.m.services:
             name = svc["metadata"]["name"]
             for port in svc["spec"].get("ports") or []:
@@ -286,6 +296,16 @@ class Cluster:
             service_env=self.service_environment,
             literals=dict(PLACEHOLDER_BUCKETS),
             log=self.log,
+            pod_ip=self.pod_addresses.allocate,
+            headless=[
+                (svc["spec"].get("selector") or {}, p.get("targetPort", p["port"]))
+                for svc in self._headless()
+                for p in svc["spec"].get("ports") or []
+            ],
+            headless_names=[
+                (svc["metadata"]["name"], self.m.namespace) for svc in self._headless()
+            ],
+            dns="{}:{}".format(*self.dns.address),
             cgroups=self.cgroups,
         )
         self.workloads = [Workload(doc) for doc in self.m.workloads]
@@ -306,6 +326,9 @@ class Cluster:
                 f"(polling every {spec.polling_interval_s / self.time_scale:g}s, "
                 f"cooldown {spec.cooldown_period_s / self.time_scale:g}s)"
             )
+
+    def _headless(self) -> list[Mapping[str, Any]]:
+        return [svc for svc in self.m.services if svc["spec"].get("clusterIP") == "None"]
 
     def _make_pod(self, name: str, workload: Workload, template: Mapping[str, Any]) -> Pod:
         claims = {c: self.root / "pvc" / f"{c}-{name}" for c in workload.claim_templates}
@@ -346,6 +369,7 @@ class Cluster:
             "s3": self.s3_endpoint,
             "s3_pid": self.s3.pid if self.s3 else None,
             "redis_url": self.redis_url(),
+            "dns": "{}:{}".format(*self.dns.address),
             "services": {
                 f"{name}:{port}": "{}:{}".format(*proxy.address)
                 for (name, port), proxy in self.proxies.items()
@@ -397,8 +421,11 @@ class Cluster:
                 for p in pods:
                     if p.is_ready():  # terminating pods leave at once
                         with contextlib.suppress(KeyError):
-                            endpoints.append(("127.0.0.1", p.local_port(target)))
+                            endpoints.append((p.ip, p.local_port(target)))
                 self.proxies[(name, str(port["port"]))].set_endpoints(endpoints)
+            if svc["spec"].get("clusterIP") == "None":
+                fqdn = service_names(name, self.m.namespace)[0]
+                self.dns.set_service(fqdn, [p.ip for p in pods if p.is_ready()])
 
     def _redis_client(self) -> redis.Redis:
         if self._redis is None:
@@ -628,6 +655,7 @@ class Cluster:
             t.start()
         for t in closers:
             t.join(timeout=10)
+        self.dns.close()
         if self._redis is not None:
             self._redis.close()
         if self.s3 is not None and self.s3.poll() is None:

@@ -16,15 +16,15 @@ image ``registry.example.com  the project's virtual environment: ``python``
                               ``WORKDIR /tmp`` (the Dockerfile) are applied
 ``/opt/labelmill/             ``deploy/scripts/model_sync.py`` of this
 model_sync.py`` (in image)    checkout (the Dockerfile copies it there)
-image ``tensorflow/serving:*``  ``<venv>/bin/serving local --host=127.0.0.1``
+image ``tensorflow/serving:*``  ``<venv>/bin/serving local --host=<pod IP>``
 with ``tensorflow_model_      followed by the container's own args (TF
 server``                      Serving's flags); WORKDIR ``/``
 image ``redis:*``             the system ``redis-server`` / ``redis-cli``;
-                              ``redis-server`` gets ``--bind 127.0.0.1``
-                              appended (the pod network is loopback here,
-                              and without it Redis listens on every
-                              interface); ``redis-cli`` gets ``-p PORT`` of
-                              the pod's 6379, its implicit default; WORKDIR
+                              ``redis-server`` gets ``--bind <pod IP>``
+                              appended (without it Redis listens on every
+                              interface, where every pod's 6379 would
+                              meet); ``redis-cli`` gets ``-h <pod IP> -p
+                              PORT``, its implicit defaults; WORKDIR
                               ``/data``
 ``volumeMounts[].mountPath``  the pod's volume folder
                               ``DIR/pods/<pod>/volumes/<volume>`` (emptyDir,
@@ -33,19 +33,33 @@ image ``redis:*``             the system ``redis-server`` / ``redis-cli``;
                               restarts, like a PersistentVolumeClaim);
                               ``TMPDIR`` follows the ``/tmp`` mount, or the
                               pod's own ``rootfs/tmp`` without one
-a declared ``containerPort``  a free port of 127.0.0.1 per pod, rewritten
-                              where the number stands as a port (``--port=
-                              8500``, ``"9100"``, ``port 6379``); probes by
-                              port number or name use the mapping
+the pod network               a loopback address per pod, ``127.X.n.n``
+                              from one /16 (``clusterdns.PodAddresses``);
+                              ``status.podIP`` is it, ``status.hostIP``
+                              and ``spec.nodeName`` are ``127.0.0.1`` and
+                              ``localhost``
+a declared ``containerPort``  kept as declared where a headless Service
+                              targets it (DNS gives clients addresses, not
+                              ports); any other: a free port per pod,
+                              rewritten where the number stands as a port
+                              (``--port=5555``, ``"9100"``, ``port
+                              6379``), since processes that bind every
+                              interface would meet on one number; probes
+                              by port number or name use the mapping
 Service DNS name with a       the Service port's local address
 Service port (``redis:6379``, ``127.0.0.1:P`` (a :class:`ServiceProxy`
 ``redis.labelmill``,          spreading connections over ready pods, like
-``....svc``, ``....svc.       kube-proxy), also inside URLs and gRPC
-cluster.local``)              targets (``dns:///127.0.0.1:P``). A headless
-                              Service (``clusterIP: None``) is proxied the
-                              same way, where real DNS would give the client
-                              every ready pod's address
-``status.podIP``              ``127.0.0.1``; ``spec.nodeName`` ``localhost``
+``....svc``, ``....svc.       kube-proxy), also inside URLs
+cluster.local``)
+a gRPC target ``dns:///``     ``dns://127.0.0.1:D/<name>.<ns>.svc.cluster.
+naming a headless Service     local:PORT``: the same name and port, asked
+                              of the cluster's DNS (:class:`~labelmill.dev.
+                              cluster.clusterdns.ClusterDNS`, standing in
+                              for the kubelet's resolv.conf and CoreDNS),
+                              which answers every ready pod's address.
+                              Other references to a headless Service
+                              (which the system resolver would have to
+                              answer) get the proxy above
 bucket ``REPLACE-models-      the local bucket :data:`MODELS_BUCKET` on the
 bucket``                      SeaweedFS S3 gateway that stands in for the
                               cloud bucket
@@ -79,7 +93,7 @@ VENV_BIN = Path(sys.executable).parent
 MODELS_BUCKET = "lm-cluster-models"
 PLACEHOLDER_BUCKETS = {"REPLACE-models-bucket": MODELS_BUCKET}
 PLACEHOLDER_PREFIX = "REPLACE_WITH"
-POD_IP = "127.0.0.1"
+HOST_IP = "127.0.0.1"
 NODE_NAME = "localhost"
 
 NODE_ENV = {
@@ -100,8 +114,9 @@ class Image:
     files: Mapping[str, str] = field(default_factory=dict)
     # Appended after the container's own args, by command name.
     append_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
-    # Inserted right after the command: "{port:N}" becomes the pod's port N.
-    default_port_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # Inserted right after the command. In all three: "{ip}" is the pod's
+    # address, "{port:N}" its local port for containerPort N.
+    default_args: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 def _venv(name: str) -> str:
@@ -133,15 +148,15 @@ IMAGES: tuple[Image, ...] = (
     ),
     Image(
         "tensorflow/serving:*",
-        binaries={"tensorflow_model_server": [_venv("serving"), "local", "--host=127.0.0.1"]},
+        binaries={"tensorflow_model_server": [_venv("serving"), "local", "--host={ip}"]},
         workdir="/",
     ),
     Image(
         "redis:*",
         binaries={"redis-server": ["redis-server"], "redis-cli": ["redis-cli"]},
         workdir="/data",
-        append_args={"redis-server": ["--bind", "127.0.0.1"]},
-        default_port_args={"redis-cli": ["-p", "{port:6379}"]},
+        append_args={"redis-server": ["--bind", "{ip}"]},
+        default_args={"redis-cli": ["-h", "{ip}", "-p", "{port:6379}"]},
     ),
 )
 
@@ -157,18 +172,26 @@ def image_for(ref: str) -> Image:
     raise SubstitutionError(f"image {ref!r} has no local stand-in (see substitutions.IMAGES)")
 
 
-def local_argv(image: Image, argv: Sequence[str], ports: Mapping[int, int]) -> list[str]:
-    """The container's command + args as a local command line."""
+def local_argv(image: Image, argv: Sequence[str], ports: Mapping[int, int], ip: str) -> list[str]:
+    """The container's command + args as a local command line, for the pod at ``ip``."""
     if not argv:
         raise SubstitutionError("a container without command: image defaults are not modelled")
     name = argv[0]
     if name not in image.binaries:
         raise SubstitutionError(f"{name!r} is not in image {image.pattern!r}'s table")
-    extra = []
-    for arg in image.default_port_args.get(name, ()):
-        m = re.fullmatch(r"\{port:(\d+)\}", arg)
-        extra.append(str(ports.get(int(m.group(1)), int(m.group(1)))) if m else arg)
-    return [*image.binaries[name], *extra, *argv[1:], *image.append_args.get(name, ())]
+
+    def fill(args: Sequence[str]) -> list[str]:
+        def one(m: re.Match[str]) -> str:
+            return ip if m.group(1) is None else str(ports.get(int(m.group(1)), int(m.group(1))))
+
+        return [re.sub(r"\{(?:ip|port:(\d+))\}", one, a) for a in args]
+
+    return [
+        *fill(image.binaries[name]),
+        *fill(image.default_args.get(name, ())),
+        *argv[1:],
+        *fill(image.append_args.get(name, ())),
+    ]
 
 
 def service_names(name: str, namespace: str) -> list[str]:
@@ -185,11 +208,17 @@ def _const(text: str) -> Callable[[re.Match[str]], str]:
     return lambda _m: text
 
 
+def _ask(server: str, fqdn: str) -> Callable[[re.Match[str]], str]:
+    # Rules are joined into one pattern: only group 0 is a rule's own.
+    return lambda m: f"dns://{server}/{fqdn}:{m.group(0).rpartition(':')[2]}"
+
+
 class Rewriter:
     """One pass over a text, applying every rule; replaced text is not rescanned.
 
-    Rules at the same position are tried in order: Service references, then
-    placeholders and image files, then mount paths, then port numbers.
+    Rules at the same position are tried in order: gRPC targets of headless
+    Services, Service references, then placeholders and image files, then
+    mount paths, then port numbers.
     """
 
     def __init__(self) -> None:
@@ -209,6 +238,15 @@ class Rewriter:
                 rf"(?<![\w.-])(?:{hosts}):{port}(?!\d)",
                 _const(f"{host}:{local}"),
             )
+        return self
+
+    def dns_targets(self, names: Sequence[tuple[str, str]], server: str) -> Rewriter:
+        """gRPC ``dns:///NAME:PORT`` targets of headless Services ``(name, namespace)``:
+        the same name, fully qualified, asked of the DNS server at ``server``."""
+        for name, ns in sorted(names, key=lambda n: -len(n[0])):
+            hosts = "|".join(re.escape(h) for h in service_names(name, ns))
+            fqdn = service_names(name, ns)[0]
+            self.add(rf"dns:(?:///)?(?:{hosts}):\d+(?!\d)", _ask(server, fqdn))
         return self
 
     def literals(self, table: Mapping[str, str]) -> Rewriter:
