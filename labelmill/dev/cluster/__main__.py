@@ -187,7 +187,7 @@ def _down(root: Path) -> int:
 
 
 def _pod_line(pod: dict[str, Any]) -> str:
-    """One row of ``kubectl get pods``: name, phase, ready containers, restarts, last exit."""
+    """One row of ``kubectl get pods -o wide``: name, phase, ready, restarts, IP, last exit."""
     containers = [c for c in pod["containers"].values() if not c["init"] or c.get("sidecar")]
     ready = sum(1 for c in containers if c["ready"])
     exits = [
@@ -197,7 +197,8 @@ def _pod_line(pod: dict[str, Any]) -> str:
     ]
     line = (
         f"  {pod['name']:<34} {pod['phase']:<12} {ready}/{len(containers)} ready  "
-        f"restarts {pod['restarts']:<3} last exit: {', '.join(exits) or '-'}"
+        f"restarts {pod['restarts']:<3} {pod.get('ip') or '-':<15} "
+        f"last exit: {', '.join(exits) or '-'}"
     )
     return f"{line}  ({pod['reason']})" if pod.get("reason") else line
 
