@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from labelmill.ledger import Ledger  # noqa: E402
+from labelmill.job import Ledger  # noqa: E402
 from tests.fixtures.model_server import export_model, start_model_server  # noqa: E402
 from tests.fixtures.procs import Proc, wait_until  # noqa: E402
 from tests.fixtures.servers import RedisServer, S3Server  # noqa: E402

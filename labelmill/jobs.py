@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from labelmill.ledger import JobCounts, JobSpec, Ledger
+from labelmill.job import JobCounts, JobSpec, JobState, Ledger
 from labelmill.records import SCHEMA
 from labelmill.storage import ObjectStore, join_uri
 
@@ -61,12 +61,12 @@ def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
     # From job creation: the first results arrive a whole batch after the
     # start, so timing from them would overstate the rate of a short job.
     started = counts.created_at
-    end = (counts.finished_at or now) if counts.state in ("done", "cancelled") else now
+    end = (counts.finished_at or now) if counts.state.ended else now
     elapsed = max(end - started, 1e-9)
     rate = finished / elapsed
     remaining = max(counts.images_total - finished, 0)
     eta: float | None
-    if counts.state in ("done", "cancelled"):
+    if counts.state.ended:
         eta = 0.0
     elif rate > 0 and counts.enqueue_complete:
         eta = round(remaining / rate, 1)
@@ -90,7 +90,7 @@ def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
             "total": batches_total,
             "done": counts.batches_done - counts.batches_dead,
             "dead": counts.batches_dead,
-            "outstanding": counts.batches_outstanding if counts.state != "cancelled" else 0,
+            "outstanding": counts.batches_outstanding if counts.state != JobState.CANCELLED else 0,
         },
         "enqueue_complete": counts.enqueue_complete,
         "model": model_dict(counts),

@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
+
 from labelmill.errors import JobNotFound
-from labelmill.ledger import Ledger
+from labelmill.job import JobState, Ledger
 from labelmill.queue import pending_batches
 
 log = logging.getLogger(__name__)
@@ -33,21 +35,26 @@ LEASE_S = 30.0
 MAX_GROUP = 16
 
 
-def drop_orphans(ledger: Ledger, *, now: float | None = None) -> dict[str, list[int]]:
-    """Drop what dead producers marked but never sent; return job -> dropped batches."""
+def drop_orphans(
+    ledger: Ledger, broker: redis.Redis, *, now: float | None = None
+) -> dict[str, list[int]]:
+    """Drop what dead producers marked but never sent; return job -> dropped batches.
+
+    ``broker`` is the Redis that holds the Celery queue (where the messages are).
+    """
     dropped: dict[str, list[int]] = {}
     for job_id in ledger.expired_producers(time.time() if now is None else now):
         try:
             counts = ledger.counts(job_id)
         except JobNotFound:
             counts = None
-        if counts is None or counts.state != "enqueuing":
+        if counts is None or counts.state != JobState.ENQUEUING:
             ledger.release_producer(job_id)
             continue
         sent = counts.batches_sent
         candidates = [b for b in range(sent, sent + MAX_GROUP) if ledger.is_outstanding(job_id, b)]
         if candidates:
-            pending = pending_batches(ledger.r, job_id)
+            pending = pending_batches(broker, job_id)
             orphans = [b for b in candidates if b not in pending]
             if orphans:
                 ledger.drop_outstanding(job_id, *orphans)

@@ -111,6 +111,13 @@ def send_batch(
     )
 
 
+def broker_client(app: Celery) -> redis.Redis:
+    """A Redis client on ``app``'s broker, where kombu keeps the queue and unacked messages."""
+    return redis.Redis.from_url(
+        str(app.conf.broker_url), decode_responses=True, socket_timeout=10, socket_connect_timeout=5
+    )
+
+
 def pending_batches(client: redis.Redis, job_id: str, *, chunk: int = 1000) -> set[int]:
     """Batch numbers of ``job_id`` that have a message: queued, or delivered and unacked.
 

@@ -29,8 +29,8 @@ from labelmill.errors import (
     ServiceError,
     UsageError,
 )
+from labelmill.job import Ledger
 from labelmill.jobs import is_valid_job_id, status_dict
-from labelmill.ledger import Ledger
 from labelmill.queue import make_celery
 from labelmill.settings import Settings
 from labelmill.storage import Storage

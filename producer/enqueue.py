@@ -15,8 +15,8 @@ from celery import Celery
 
 from labelmill import orphans
 from labelmill.errors import JobNotFound, LedgerUnavailable, ModelUnavailable, UsageError
+from labelmill.job import JobCounts, JobSpec, JobState, Ledger
 from labelmill.jobs import new_job_id, write_job_file, write_manifest
-from labelmill.ledger import JobCounts, JobSpec, Ledger
 from labelmill.queue import send_batch
 from labelmill.storage import ObjectStore, normalise_uri
 from producer.listing import Batch, batch_uris, last_batch
@@ -31,7 +31,7 @@ class Cancelled(Exception):
 @dataclass
 class EnqueueResult:
     job_id: str
-    state: str
+    state: JobState | str  # or "dry-run"
     new_batches: int
     batches_total: int
     images_total: int
@@ -96,7 +96,7 @@ def wait_for_room(
     started = time.monotonic()
     while True:
         state, in_flight = ledger.window(job_id)
-        if state == "cancelled":
+        if state == JobState.CANCELLED:
             raise Cancelled(job_id)
         if in_flight < max_outstanding:
             return
@@ -153,7 +153,7 @@ def enqueue(
                 f"job {job_id} exists with input {spec.input} and output {spec.output}; "
                 "use another --job-id"
             )
-        if existing.state == "cancelled":
+        if existing.state == JobState.CANCELLED:
             raise Cancelled(job_id)
         resumed = True
     else:

@@ -11,6 +11,8 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from labelmill.job import Position
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -41,16 +43,15 @@ class Batch:
         """Image names listed so far, this batch included."""
         return self.listed - sum(self.skipped.values())
 
-    def position(self) -> dict[str, str | int | float]:
-        """The job-hash fields that record the listing up to this batch (for resume)."""
-        fields: dict[str, str | int | float] = {
-            "batches_sent": self.batch_no + 1 if self.uris else self.batch_no,
-            "listed": self.listed,
-            "last_key": self.last_key,
-            "images_total": self.images,
-        }
-        fields.update({f"skip:{k}": v for k, v in self.skipped.items()})
-        return fields
+    def position(self) -> Position:
+        """Where the listing stands once this batch is sent (what a resume starts from)."""
+        return Position(
+            batches_sent=self.batch_no + 1 if self.uris else self.batch_no,
+            listed=self.listed,
+            last_key=self.last_key,
+            images_total=self.images,
+            skipped=dict(self.skipped),
+        )
 
 
 def batch_uris(

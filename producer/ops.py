@@ -11,9 +11,9 @@ from typing import Any
 from celery import Celery
 
 from labelmill.errors import JobNotFound, UsageError
+from labelmill.job import JobSpec, Ledger
 from labelmill.jobs import job_dir, write_manifest
-from labelmill.ledger import JobSpec, Ledger
-from labelmill.queue import pending_batches, send_batch
+from labelmill.queue import broker_client, pending_batches, send_batch
 from labelmill.records import part_name
 from labelmill.storage import ObjectStore, join_uri, normalise_uri
 from producer.listing import Batch, batch_uris
@@ -77,7 +77,7 @@ def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Res
     if counts.enqueue_complete and counts.batches_total:
         have = {no for no, _uri in part_files(storage, base)}
         # Not the outstanding set: a batch whose message was lost stays in it.
-        queued = pending_batches(ledger.r, job_id)
+        queued = pending_batches(broker_client(app), job_id)
         lost = {
             b
             for b in range(counts.batches_total)
@@ -127,7 +127,7 @@ def reconcile(
         # The spec file predates the pin (the tier was at zero at enqueue);
         # the lines written so far carry it, and the rest must match them.
         spec = replace(spec, model_version=ledger.pin_model_version(job_id, min(versions)))
-    ledger.reset_counts(job_id, done_batches=done, fields={"state": "running"})
+    ledger.reset_counts(job_id, done_batches=done)
     sent, tail = _resend(storage, ledger, app, spec, lambda b: b not in done)
     out = Resent(job_id, missing=sent)
     if ledger.finish_enqueue(job_id, tail.batch_no, tail.position()):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from labelmill.errors import UsageError
-from labelmill.ledger import JobSpec
+from labelmill.job import JobSpec
 from labelmill.records import loads_lines
 from labelmill.storage import ObjectStore, join_uri
 

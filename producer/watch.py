@@ -18,17 +18,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from labelmill.job import JobState, Ledger
 from labelmill.jobs import status_dict
-from labelmill.ledger import Ledger
 from labelmill.storage import ObjectStore
 from producer.results import records
 
-ENDED = ("done", "cancelled")
+ENDED = tuple(s for s in JobState if s.ended)
 
 
 def exit_code(status: dict[str, Any]) -> int:
     """0 done cleanly, 1 done with error lines, 4 cancelled."""
-    if status["state"] == "cancelled":
+    if status["state"] == JobState.CANCELLED:
         return 4
     return 1 if status["images"]["error"] else 0
 

@@ -17,7 +17,7 @@ from celery.signals import worker_init, worker_process_shutdown
 
 import workers.signals  # noqa: F401  (signal hooks: metrics endpoint, heartbeat)
 from labelmill.errors import TransientError
-from labelmill.ledger import Ledger
+from labelmill.job import Ledger
 from labelmill.model_client import ModelClient
 from labelmill.queue import TASK, make_celery
 from labelmill.settings import Settings

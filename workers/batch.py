@@ -23,8 +23,8 @@ from labelmill.errors import (
     ServiceError,
     TransientError,
 )
+from labelmill.job import JobSpec, JobState, Ledger
 from labelmill.jobs import is_valid_job_id, job_dir, write_manifest
-from labelmill.ledger import JobSpec, Ledger
 from labelmill.model_client import ModelClient
 from labelmill.records import dumps_lines, error_record, ok_record, part_name
 from labelmill.retry import retry_transient
@@ -100,7 +100,7 @@ def run_batch(
         log.warning("job %s batch %d: unknown job (expired?); dropped", job_id, batch_no)
         svc.ledger.drop_outstanding(job_id, batch_no)
         return Outcome("skipped:unknown-job", attempt=start.attempt)
-    if start.state == "cancelled":
+    if start.state == JobState.CANCELLED:
         svc.ledger.drop_outstanding(job_id, batch_no)
         log.info("job %s batch %d: job cancelled; dropped", job_id, batch_no)
         return Outcome("skipped:cancelled", attempt=start.attempt)

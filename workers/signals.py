@@ -76,17 +76,14 @@ def start_metrics_server(port: int, redis_url: str, key_prefix: str) -> None:
     import redis
     from prometheus_client import start_http_server
 
-    from labelmill.ledger import Ledger
+    from labelmill.job import Ledger
     from workers import metrics
 
     # Short deadlines: a scrape must not hang on a Redis outage.
     client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
     ledger = Ledger(client, prefix=key_prefix)
 
-    def outstanding() -> int:
-        return int(ledger.r.zcard(ledger.outstanding_key))
-
-    start_http_server(port, addr="0.0.0.0", registry=metrics.registry(outstanding))
+    start_http_server(port, addr="0.0.0.0", registry=metrics.registry(ledger.outstanding_total))
     log.info("metrics on :%d/metrics", port)
 
 
@@ -118,15 +115,16 @@ def start_orphan_sweeper(redis_url: str, key_prefix: str) -> None:
     import redis
 
     from labelmill.errors import LabelmillError
-    from labelmill.ledger import Ledger
+    from labelmill.job import Ledger
     from labelmill.orphans import LEASE_S, drop_orphans
 
     ledger = Ledger.from_url(redis_url, prefix=key_prefix)
+    broker = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10)
 
     def loop() -> None:
         while True:
             try:
-                drop_orphans(ledger)
+                drop_orphans(ledger, broker)
             except (LabelmillError, redis.RedisError) as exc:  # Redis down: next round
                 log.warning("orphan sweep: %s", exc)
             time.sleep(LEASE_S)

@@ -23,7 +23,7 @@ import boto3
 import yaml
 
 from labelmill.dev.cluster.node import pod_resources
-from labelmill.ledger import Ledger
+from labelmill.job import Ledger
 from tests import images
 from tests.fixtures.procs import wait_until
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from labelmill.errors import ERROR_KINDS
-from labelmill.ledger import Ledger
+from labelmill.job import Ledger
 from labelmill.records import SCHEMA
 from tests import images
 from tests.fixtures.procs import Proc, wait_until

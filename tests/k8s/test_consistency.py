@@ -9,7 +9,7 @@ from typing import Any
 import redis
 import yaml
 
-from labelmill.ledger import Ledger
+from labelmill.job import Ledger
 from labelmill.queue import QUEUE, make_celery
 from labelmill.settings import Settings
 from tests.k8s.conftest import ROOT, all_documents, find

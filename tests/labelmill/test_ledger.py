@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
-from labelmill.ledger import JobSpec, Ledger
+from labelmill.job import JobSpec, JobState, Ledger, Position
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def test_create_is_idempotent_and_resumes(ledger: Ledger) -> None:
     assert created
     again, created2 = ledger.create_job(_spec())
     assert not created2 and again.input == spec.input
-    assert ledger.counts("j1").state == "enqueuing"
+    assert ledger.counts("j1").state == JobState.ENQUEUING
     assert ledger.recent_jobs() == ["j1"]
 
 
@@ -43,11 +43,11 @@ def test_complete_counts_once_and_claims_once(ledger: Ledger) -> None:
     ledger.create_job(_spec())
     for b in range(3):
         ledger.mark_outstanding("j1", b)
-    ledger.record_enqueued("j1", {"batches_sent": 3, "images_total": 10})
+    ledger.record_enqueued("j1", Position(3, listed=10, last_key="", images_total=10))
     assert ledger.complete_batch("j1", 0, ok=3, errors={"decode": 1}) == (True, False)
     # Redelivery: not counted again.
     assert ledger.complete_batch("j1", 0, ok=3, errors={"decode": 1}) == (False, False)
-    assert ledger.finish_enqueue("j1", 3, {}) is False
+    assert ledger.finish_enqueue("j1", 3, None) is False
     assert ledger.complete_batch("j1", 1, ok=4, errors={}, weights="random:seed=1") == (True, False)
     assert ledger.complete_batch("j1", 2, ok=0, errors={"dead": 2}, dead=True) == (True, True)
     assert ledger.complete_batch("j1", 2, ok=0, errors={"dead": 2}, dead=True) == (False, False)
@@ -62,22 +62,24 @@ def test_complete_counts_once_and_claims_once(ledger: Ledger) -> None:
 def test_finish_enqueue_claims_when_batches_already_done(ledger: Ledger) -> None:
     ledger.create_job(_spec())
     ledger.complete_batch("j1", 0, ok=1, errors={})
-    assert ledger.finish_enqueue("j1", 1, {"images_total": 1}) is True
-    assert ledger.counts("j1").state == "running"
+    assert (
+        ledger.finish_enqueue("j1", 1, Position(1, listed=1, last_key="", images_total=1)) is True
+    )
+    assert ledger.counts("j1").state == JobState.RUNNING
     ledger.mark_done("j1")
-    assert ledger.counts("j1").state == "done"
+    assert ledger.counts("j1").state == JobState.DONE
     assert 0 < ledger.r.ttl("t:job:j1") <= 120
 
 
 def test_empty_job_completes_at_enqueue(ledger: Ledger) -> None:
     ledger.create_job(_spec())
-    assert ledger.finish_enqueue("j1", 0, {}) is True
+    assert ledger.finish_enqueue("j1", 0, None) is True
 
 
 def test_racing_completions_claim_exactly_once(ledger: Ledger) -> None:
     ledger.create_job(_spec())
     n = 40
-    ledger.finish_enqueue("j1", n, {})
+    ledger.finish_enqueue("j1", n, None)
     claims: list[bool] = []
     lock = threading.Lock()
 
@@ -101,7 +103,7 @@ def test_window_and_cancel(ledger: Ledger) -> None:
     for b in range(5):
         ledger.mark_outstanding("j1", b)
     ledger.mark_outstanding("other", 0)
-    ledger.record_enqueued("j1", {"batches_sent": 5})
+    ledger.record_enqueued("j1", Position(5, listed=5, last_key="", images_total=5))
     ledger.complete_batch("j1", 0, ok=1, errors={})
     assert ledger.window("j1") == ("enqueuing", 4)
     assert sorted(ledger.outstanding_batches("j1")) == [1, 2, 3, 4]
@@ -109,19 +111,19 @@ def test_window_and_cancel(ledger: Ledger) -> None:
     assert ledger.window("j1")[0] == "cancelled"
     assert ledger.r.zrange("t:outstanding", 0, -1) == ["other:0"]
     # A cancelled job never completes.
-    assert ledger.finish_enqueue("j1", 5, {}) is False
+    assert ledger.finish_enqueue("j1", 5, None) is False
 
 
 def test_reopen_dead_undoes_counts_once(ledger: Ledger) -> None:
     ledger.create_job(_spec())
-    ledger.finish_enqueue("j1", 2, {})
+    ledger.finish_enqueue("j1", 2, None)
     ledger.complete_batch("j1", 0, ok=4, errors={})
     ledger.complete_batch("j1", 1, ok=0, errors={"dead": 3}, dead=True)
     ledger.mark_done("j1")
     assert ledger.reopen_dead("j1", 1, 3) is True
     assert ledger.reopen_dead("j1", 1, 3) is False
     c = ledger.counts("j1")
-    assert c.state == "running"
+    assert c.state == JobState.RUNNING
     assert (c.images_error, c.batches_done, c.batches_dead, c.errors) == (0, 1, 0, {})
     assert ledger.complete_batch("j1", 1, ok=3, errors={}) == (True, True)
 
@@ -131,14 +133,13 @@ def test_reset_counts_rebuilds_from_storage_view(ledger: Ledger) -> None:
     ledger.reset_counts(
         "j1",
         done_batches={0: (3, {"decode": 1}, False), 2: (0, {"dead": 4}, True)},
-        fields={"images_total": 12, "batches_sent": 3},
     )
     c = ledger.counts("j1")
     assert (c.images_ok, c.images_error, c.batches_done, c.batches_dead) == (3, 5, 2, 1)
     assert ledger.is_done("j1", 2) and not ledger.is_done("j1", 1)
-    assert ledger.finish_enqueue("j1", 3, {}) is False
+    assert ledger.finish_enqueue("j1", 3, None) is False
     ledger.complete_batch("j1", 1, ok=4, errors={})
-    assert ledger.counts("j1").state == "running"
+    assert ledger.counts("j1").state == JobState.RUNNING
 
 
 def test_unreachable_redis_is_a_service_error() -> None:
@@ -150,7 +151,7 @@ def test_unreachable_redis_is_a_service_error() -> None:
 def test_a_lost_reply_does_not_lose_the_manifest_claim(ledger: Ledger) -> None:
     """The same delivery retrying after a lost reply keeps its claim; a copy does not."""
     ledger.create_job(_spec())
-    ledger.finish_enqueue("j1", 1, {})
+    ledger.finish_enqueue("j1", 1, None)
     assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-a") == (True, True)
     # Redis died before the reply: the worker retries the same call.
     assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-a") == (False, True)

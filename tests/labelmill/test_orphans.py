@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from labelmill.ledger import JobSpec, Ledger
+from labelmill.job import JobSpec, Ledger, Position
 from labelmill.orphans import drop_orphans
 from labelmill.queue import make_celery, send_batch
 from labelmill.settings import Settings
@@ -36,12 +36,12 @@ def test_a_dead_producer_s_unsent_batches_are_dropped_and_sent_ones_kept(
     ledger.mark_outstanding("j1", 0, 1, 2, 3, 4)
     for b in (0, 1, 2):
         send_batch(app, job_id="j1", batch_no=b, uris=[f"s3://in/p/{b}.jpg"], model_version=1)
-    ledger.record_enqueued("j1", {"batches_sent": 2})
-    assert drop_orphans(ledger) == {}, "the lease still runs"
+    ledger.record_enqueued("j1", Position(2, listed=2, last_key="s3://in/p/1.jpg", images_total=2))
+    assert drop_orphans(ledger, ledger.r) == {}, "the lease still runs"
     later = time.time() + 60  # the producer stopped renewing a minute ago
-    assert drop_orphans(ledger, now=later) == {"j1": [3, 4]}
+    assert drop_orphans(ledger, ledger.r, now=later) == {"j1": [3, 4]}
     assert sorted(ledger.outstanding_batches("j1")) == [0, 1, 2]
-    assert drop_orphans(ledger, now=later) == {}, "a job is swept once"
+    assert drop_orphans(ledger, ledger.r, now=later) == {}, "a job is swept once"
 
 
 def test_a_live_producer_and_a_finished_enqueue_are_left_alone(ledger: Ledger) -> None:
@@ -51,8 +51,8 @@ def test_a_live_producer_and_a_finished_enqueue_are_left_alone(ledger: Ledger) -
     _job(ledger, "over")
     ledger.hold_producer("over", lease_s=30)
     ledger.mark_outstanding("over", 0)
-    ledger.finish_enqueue("over", 1, {})
-    assert drop_orphans(ledger, now=time.time() + 60) == {}
+    ledger.finish_enqueue("over", 1, None)
+    assert drop_orphans(ledger, ledger.r, now=time.time() + 60) == {}
     assert list(ledger.outstanding_batches("live")) == [0]
     assert list(ledger.outstanding_batches("over")) == [0]
     assert ledger.r.zrange(ledger.producers_key, 0, -1) == ["live"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from labelmill.job import Position
 from producer.listing import batch_uris, is_image_name, last_batch
 
 
@@ -82,12 +83,12 @@ def test_empty_listing_has_only_a_tail() -> None:
 def test_tail_totals_and_position() -> None:
     tail = last_batch(_objs("a.jpg", "b.txt", "c.png", "d/"), 2)
     assert (tail.batch_no, tail.listed, tail.images) == (1, 4, 2)
-    assert tail.position() == {
-        "batches_sent": 1,
-        "listed": 4,
-        "last_key": "s3://b/d/",
-        "images_total": 2,
-        "skip:not_image_name": 2,
-    }
+    assert tail.position() == Position(
+        batches_sent=1,
+        listed=4,
+        last_key="s3://b/d/",
+        images_total=2,
+        skipped={"not_image_name": 2},
+    )
     first = next(batch_uris(_objs("a.jpg", "b.jpg"), 2))
-    assert first.position()["batches_sent"] == 1
+    assert first.position().batches_sent == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from labelmill.errors import InferenceError, ModelNotFound, ModelUnavailable, StorageUnavailable
-from labelmill.ledger import JobSpec, Ledger
+from labelmill.job import JobSpec, Ledger, Position
 from labelmill.model_client import Prediction
 from labelmill.records import loads_lines
 from labelmill.settings import Settings
@@ -65,7 +65,9 @@ def _job(svc: Services, n_batches: int = 1) -> JobSpec:
     spec, _ = svc.ledger.create_job(
         JobSpec("j", "s3://src-bucket/p/", "s3://dst-bucket/l", 4, "inception", 3, 1.0)
     )
-    svc.ledger.finish_enqueue("j", n_batches, {"images_total": 4 * n_batches})
+    svc.ledger.finish_enqueue(
+        "j", n_batches, Position(n_batches, 4 * n_batches, "", images_total=4 * n_batches)
+    )
     return spec
 
 

@@ -1,0 +1,9 @@
+"""The job: its states, spec, counts and enqueue position, and the ledger in Redis.
+
+Nothing outside this package names a key or field of the ledger.
+"""
+
+from labelmill.job.ledger import Ledger
+from labelmill.job.model import BatchStart, JobCounts, JobSpec, JobState, Position
+
+__all__ = ["BatchStart", "JobCounts", "JobSpec", "JobState", "Ledger", "Position"]

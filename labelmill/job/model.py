@@ -1,0 +1,122 @@
+"""What a job is, as typed values: its states, its spec, its counts, its enqueue position."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class JobState(StrEnum):
+    """A job's life: ``enqueuing`` -> ``running`` -> ``done``; ``cancelled`` from either.
+
+    ``retry`` and ``reconcile`` take a ``done`` job back to ``running``. The
+    values are what Redis, ``producer status --json`` and the manifest hold.
+    """
+
+    ENQUEUING = "enqueuing"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobState.DONE, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job is: where from, where to, how, with which model version.
+
+    ``model_version`` is None until the version is pinned: at enqueue when a
+    model server answers then, or else by the job's first batch to meet an
+    AVAILABLE server (``Ledger.pin_model_version``).
+    """
+
+    job_id: str
+    input: str
+    output: str
+    batch_size: int
+    model_name: str
+    model_version: int | None
+    created_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "input": self.input,
+            "output": self.output,
+            "batch_size": self.batch_size,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JobSpec:
+        return cls(
+            job_id=str(d["job_id"]),
+            input=str(d["input"]),
+            output=str(d["output"]),
+            batch_size=int(d["batch_size"]),
+            model_name=str(d["model_name"]),
+            model_version=None if d.get("model_version") is None else int(d["model_version"]),
+            created_at=float(d["created_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far the listing got: recorded after each group of batches is sent.
+
+    A resumed ``enqueue`` lists again after ``last_key`` and numbers its
+    batches from ``batches_sent``, carrying the totals on.
+    """
+
+    batches_sent: int
+    listed: int  # objects listed, images or not
+    last_key: str  # the last URI listed
+    images_total: int  # image names listed
+    skipped: Mapping[str, int] = field(default_factory=dict)  # not images, by reason
+
+
+@dataclass(frozen=True)
+class BatchStart:
+    """What a worker needs to know when a batch is delivered."""
+
+    spec: JobSpec | None  # None: the job is unknown (expired or never created)
+    state: JobState | None  # None with the spec
+    already_done: bool
+    attempt: int
+
+
+@dataclass
+class JobCounts:
+    """A snapshot of everything the ledger knows about a job."""
+
+    spec: JobSpec
+    state: JobState
+    listed: int = 0
+    last_key: str = ""
+    images_total: int = 0
+    images_ok: int = 0
+    images_error: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    batches_sent: int = 0
+    batches_total: int | None = None
+    batches_done: int = 0
+    batches_dead: int = 0
+    enqueue_complete: bool = False
+    model_weights: str = ""
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def images_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def batches_outstanding(self) -> int:
+        return max(0, self.batches_sent - self.batches_done)
