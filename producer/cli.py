@@ -30,14 +30,15 @@ from labelmill.errors import (
     UsageError,
 )
 from labelmill.job import Ledger
-from labelmill.jobs import is_valid_job_id, status_dict
+from labelmill.job.folder import JobFolder
+from labelmill.job.status import is_valid_job_id, status_dict
 from labelmill.queue import make_celery
 from labelmill.settings import Settings
 from labelmill.storage import Storage
 from producer import enqueue as enq
 from producer import ops
 from producer.listing import Batch
-from producer.results import format_records, records
+from producer.results import format_records
 from producer.watch import exit_code, summary, watch_json, watch_live
 
 try:  # typer bundles its own click
@@ -255,12 +256,12 @@ def watch(
 ) -> None:
     """Follow a job until it ends. Exit 0 done, 1 done with errors, 4 cancelled."""
     e = env(ctx)
-    e.ledger.counts(job_id)  # unknown job -> exit 2 before anything is printed
+    spec = e.ledger.counts(job_id).spec  # unknown job -> exit 2 before anything is printed
     if as_json:
         st = watch_json(e.ledger, job_id, interval_s=interval)
     else:
         st = watch_live(e.ledger, job_id, out, interval_s=interval)
-        summary(out, st, e.storage)
+        summary(out, st, JobFolder.of(e.storage, spec).lines())
     raise typer.Exit(exit_code(st))
 
 
@@ -304,8 +305,8 @@ def results(
     if fmt not in ("jsonl", "csv"):
         raise UsageError(f"--format must be jsonl or csv, not {fmt!r}")
     e = env(ctx)
-    st = status_dict(e.ledger.counts(job_id))
-    for chunk in format_records(records(e.storage, st["output"]), fmt, errors_only=errors_only):
+    lines = JobFolder.of(e.storage, e.ledger.counts(job_id).spec).lines()
+    for chunk in format_records(lines, fmt, errors_only=errors_only):
         sys.stdout.write(chunk)
 
 

@@ -16,7 +16,8 @@ from celery import Celery
 from labelmill import orphans
 from labelmill.errors import JobNotFound, LedgerUnavailable, ModelUnavailable, UsageError
 from labelmill.job import JobCounts, JobSpec, JobState, Ledger
-from labelmill.jobs import new_job_id, write_job_file, write_manifest
+from labelmill.job.folder import JobFolder
+from labelmill.job.status import new_job_id, write_manifest
 from labelmill.queue import send_batch
 from labelmill.storage import ObjectStore, normalise_uri
 from producer.listing import Batch, batch_uris, last_batch
@@ -170,7 +171,7 @@ def enqueue(
             )
         )
         resumed = not created
-        write_job_file(storage, spec, {"max_outstanding": max_outstanding})
+        JobFolder.of(storage, spec).write_spec(spec, {"max_outstanding": max_outstanding})
 
     counts = ledger.counts(job_id)
     if counts.enqueue_complete:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -12,12 +11,12 @@ from celery import Celery
 
 from labelmill.errors import JobNotFound, UsageError
 from labelmill.job import JobSpec, Ledger
-from labelmill.jobs import job_dir, write_manifest
+from labelmill.job.folder import JobFolder
+from labelmill.job.record import Tally, tally
+from labelmill.job.status import write_manifest
 from labelmill.queue import broker_client, pending_batches, send_batch
-from labelmill.records import part_name
-from labelmill.storage import ObjectStore, join_uri, normalise_uri
+from labelmill.storage import ObjectStore, normalise_uri
 from producer.listing import Batch, batch_uris
-from producer.results import load_job_file, part_files, read_part
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +65,16 @@ def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Res
     counts = ledger.counts(job_id)
     spec = counts.spec
     out = Resent(job_id)
-    base = job_dir(spec)
+    folder = JobFolder.of(storage, spec)
     for batch_no in ledger.dead_batches(job_id):
-        uris = [r["uri"] for r in read_part(storage, join_uri(base, part_name(batch_no)))]
+        uris = [r.uri for r in folder.part_records(folder.part_uri(batch_no))]
         if uris and ledger.reopen_dead(job_id, batch_no, len(uris)):
             send_batch(
                 app, job_id=job_id, batch_no=batch_no, uris=uris, model_version=spec.model_version
             )
             out.dead.append(batch_no)
     if counts.enqueue_complete and counts.batches_total:
-        have = {no for no, _uri in part_files(storage, base)}
+        have = {no for no, _uri in folder.parts()}
         # Not the outstanding set: a batch whose message was lost stays in it.
         queued = pending_batches(broker_client(app), job_id)
         lost = {
@@ -103,22 +102,17 @@ def reconcile(
             raise UsageError(
                 f"job {job_id} is not in Redis; pass --output to read its spec from storage"
             ) from None
-        found = load_job_file(storage, join_uri(normalise_uri(output), job_id))
+        found = JobFolder(storage, normalise_uri(output), job_id).read_spec()
         if found is None:
             raise JobNotFound(f"no job {job_id} in Redis nor under {output}") from None
         spec = found
         ledger.restore_job(spec)
 
-    base = job_dir(spec)
-    done: dict[int, tuple[int, dict[str, int], bool]] = {}
-    versions: set[int] = set()
-    for batch_no, uri in part_files(storage, base):
-        lines = read_part(storage, uri)
-        versions.update(r["model"]["version"] for r in lines if r["status"] == "ok")
-        ok = sum(1 for r in lines if r["status"] == "ok")
-        errs = Counter(r["error"]["kind"] for r in lines if r["status"] == "error")
-        dead = bool(lines) and errs.get("dead", 0) == len(lines)
-        done[batch_no] = (ok, dict(errs), dead)
+    folder = JobFolder.of(storage, spec)
+    done: dict[int, Tally] = {
+        batch_no: tally(folder.part_records(uri)) for batch_no, uri in folder.parts()
+    }
+    versions = {v for t in done.values() for v in t.versions}
 
     # Counters first, from the part files; then one pass over the listing that
     # re-sends what has no part file; then the listing's totals, which also

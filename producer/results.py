@@ -1,51 +1,14 @@
-"""Reading a job's results back from storage: part files, in batch order."""
+"""A job's result lines as ``producer results`` prints them: JSON lines or CSV."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from labelmill.errors import UsageError
-from labelmill.job import JobSpec
-from labelmill.records import loads_lines
-from labelmill.storage import ObjectStore, join_uri
-
-PART_RE = re.compile(r"/part-(\d{9})\.jsonl$")
 CSV_FIELDS = ["uri", "status", "label", "class_id", "score", "error_kind", "error_message"]
-
-
-def part_files(storage: ObjectStore, job_uri: str) -> Iterator[tuple[int, str]]:
-    """(batch number, URI) of each part file under a job's folder, in order."""
-    base = job_uri.rstrip("/")
-    for obj in storage.list(base + "/"):
-        m = PART_RE.search(obj.uri)
-        if m and obj.uri.rsplit("/", 1)[0] == base:
-            yield int(m.group(1)), obj.uri
-
-
-def read_part(storage: ObjectStore, uri: str) -> list[dict[str, Any]]:
-    data = storage.read(uri)
-    if data is None:
-        return []
-    try:
-        return loads_lines(data)
-    except ValueError as exc:
-        raise UsageError(f"{uri} is corrupt: {exc}") from None
-
-
-def records(storage: ObjectStore, job_uri: str) -> Iterator[dict[str, Any]]:
-    """Every result record of a job, batch by batch."""
-    for _no, uri in part_files(storage, job_uri):
-        yield from read_part(storage, uri)
-
-
-def load_job_file(storage: ObjectStore, job_uri: str) -> JobSpec | None:
-    data = storage.read(join_uri(job_uri, "_job.json"))
-    return JobSpec.from_dict(json.loads(data)) if data else None
 
 
 def to_csv_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +26,7 @@ def to_csv_row(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_records(
-    rows: Iterator[dict[str, Any]], fmt: str, *, errors_only: bool = False
+    rows: Iterable[dict[str, Any]], fmt: str, *, errors_only: bool = False
 ) -> Iterator[str]:
     """Render records as JSON lines or CSV (header first), streaming."""
     if fmt == "csv":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from rich.console import Console
@@ -19,9 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from labelmill.job import JobState, Ledger
-from labelmill.jobs import status_dict
-from labelmill.storage import ObjectStore
-from producer.results import records
+from labelmill.job.status import status_dict
 
 ENDED = tuple(s for s in JobState if s.ended)
 
@@ -87,9 +85,13 @@ def watch_live(
 
 
 def summary(
-    console: Console, status: dict[str, Any], storage: ObjectStore, *, max_lines: int = 100_000
+    console: Console,
+    status: dict[str, Any],
+    lines: Iterable[dict[str, Any]],
+    *,
+    max_lines: int = 100_000,
 ) -> None:
-    """Counts, the most frequent top labels, errors by kind and where results are."""
+    """Counts, the most frequent top labels (of the result ``lines``), errors, where results are."""
     images = status["images"]
     console.print(
         f"[bold]{status['job_id']}[/] {status['state']}: {images['ok']} ok, "
@@ -103,7 +105,7 @@ def summary(
     if model.get("note"):
         console.print(f"[yellow]{model['note']}[/]")
     top: Counter[str] = Counter()
-    for n, r in enumerate(records(storage, status["output"])):
+    for n, r in enumerate(lines):
         if n >= max_lines:
             break
         if r["status"] == "ok" and r["labels"]:

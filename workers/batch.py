@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from labelmill.errors import (
     ImageError,
@@ -24,12 +22,13 @@ from labelmill.errors import (
     TransientError,
 )
 from labelmill.job import JobSpec, JobState, Ledger
-from labelmill.jobs import is_valid_job_id, job_dir, write_manifest
+from labelmill.job.folder import JobFolder
+from labelmill.job.record import DEAD, ErrorRecord, OkRecord, Record, tally
+from labelmill.job.status import is_valid_job_id, write_manifest
 from labelmill.model_client import ModelClient
-from labelmill.records import dumps_lines, error_record, ok_record, part_name
 from labelmill.retry import retry_transient
 from labelmill.settings import Settings
-from labelmill.storage import ObjectStore, join_uri
+from labelmill.storage import ObjectStore
 from workers import metrics
 from workers.budget import UNLIMITED_DEFAULT, WorkerBudget
 from workers.classify import classify
@@ -111,7 +110,7 @@ def run_batch(
     metrics.record_delivery(start.attempt)
     spec = start.spec
     version = model_version if model_version is not None else spec.model_version
-    records: list[dict[str, Any]]
+    records: list[Record]
     dead_reason: str | None = None
     if start.attempt > s.max_deliveries:
         dead_reason = (
@@ -136,37 +135,22 @@ def run_batch(
             records = []
     if dead_reason is not None:
         log.error("job %s batch %d declared dead: %s", job_id, batch_no, dead_reason)
-        records = [
-            error_record(uri=u, kind="dead", message=dead_reason, job_id=job_id, batch=batch_no)
-            for u in uris
-        ]
+        records = [ErrorRecord(u, DEAD, dead_reason, job_id, batch_no) for u in uris]
 
-    part_uri = join_uri(job_dir(spec), part_name(batch_no))
-    body = dumps_lines(records)
+    folder = JobFolder.of(svc.storage, spec)
     with metrics.stage("store"):
         retry_transient(
-            lambda: svc.storage.put(
-                part_uri, body, content_type="application/x-ndjson", root=spec.output
-            ),
+            lambda: folder.write_part(batch_no, records),
             budget_s=budget,
-            what=f"write {part_uri}",
+            what=f"write {folder.part_uri(batch_no)}",
             on_retry=_count_retry("s3"),
         )
-    ok = sum(1 for r in records if r["status"] == "ok")
-    errors = Counter(r["error"]["kind"] for r in records if r["status"] == "error")
-    weights = next((r["model"]["weights"] for r in records if r["status"] == "ok"), None)
+    counts = tally(records)
+    ok, errors = counts.ok, counts.errors
     token = uuid.uuid4().hex  # one per delivery: see Ledger.complete_batch
     with metrics.stage("ledger"):
         counted, claimed = retry_transient(
-            lambda: svc.ledger.complete_batch(
-                job_id,
-                batch_no,
-                ok=ok,
-                errors=errors,
-                dead=dead_reason is not None,
-                weights=weights,
-                token=token,
-            ),
+            lambda: svc.ledger.complete_batch(job_id, batch_no, counts, token=token),
             budget_s=budget,
             what="ledger",
             on_retry=_count_retry("ledger"),
@@ -255,7 +239,7 @@ def _classify_batch(
     uris: Sequence[str],
     model_name: str,
     version: int | None,
-) -> list[dict[str, Any]]:
+) -> list[Record]:
     s = svc.settings
     loaded = load_batch(
         svc.storage,
@@ -271,7 +255,7 @@ def _classify_batch(
     metrics.observe_stage("fetch", sum(x.fetch_s for x in loaded))
     metrics.observe_stage("preprocess", sum(x.decode_s for x in loaded))
     good = [x for x in loaded if isinstance(x, Loaded)]
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, Record] = {}
     if good:
         try:
             with metrics.stage("predict"):
@@ -285,23 +269,15 @@ def _classify_batch(
                 )
         except InferenceError as exc:
             for g in good:
-                results[g.uri] = error_record(
-                    uri=g.uri, kind="inference", message=str(exc), job_id=job_id, batch=batch_no
-                )
+                results[g.uri] = ErrorRecord(g.uri, "inference", str(exc), job_id, batch_no)
         else:
             for g, lab in zip(good, labels, strict=True):
-                results[g.uri] = ok_record(
-                    uri=g.uri, etag=g.etag, labels=lab, model=model, job_id=job_id, batch=batch_no
-                )
-    out: list[dict[str, Any]] = []
+                results[g.uri] = OkRecord(g.uri, g.etag, lab, model, job_id, batch_no)
+    out: list[Record] = []
     for item in loaded:
         if isinstance(item, Failed):
             err: ImageError = item.error
-            out.append(
-                error_record(
-                    uri=item.uri, kind=err.kind, message=err.message, job_id=job_id, batch=batch_no
-                )
-            )
+            out.append(ErrorRecord(item.uri, err.kind, err.message, job_id, batch_no))
         else:
             out.append(results[item.uri])
     return out

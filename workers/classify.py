@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from labelmill.errors import TransientError
+from labelmill.job.record import Label, ModelInfo
 from labelmill.model_client import ModelClient
-from labelmill.records import Label, ModelInfo
 from labelmill.retry import retry_transient
 
 

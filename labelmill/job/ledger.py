@@ -23,6 +23,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import Any, NamedTuple, cast
@@ -31,6 +32,7 @@ import redis
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
 from labelmill.job.model import BatchStart, JobCounts, JobSpec, JobState, Position
+from labelmill.job.record import Tally
 from labelmill.job.scripts import COMPLETE, FINISH_ENQUEUE, REOPEN_DEAD
 
 # The job hash's counters that hold a tally by kind: "skip:<reason>" for
@@ -259,14 +261,13 @@ class Ledger:
         self,
         job_id: str,
         batch_no: int,
+        tally: Tally,
         *,
-        ok: int,
-        errors: Mapping[str, int],
-        dead: bool = False,
-        weights: str | None = None,
         token: str | None = None,
     ) -> tuple[bool, bool]:
         """Count a finished batch once. Returns (counted, job_finished_and_ours).
+
+        A batch whose every record is a ``dead`` error counts as dead.
 
         Retry a failed call with the same ``token`` (one per delivery): if the
         first call claimed the manifest before its reply was lost, the retry
@@ -280,12 +281,12 @@ class Ledger:
                 args=[
                     batch_no,
                     self.member(job_id, batch_no),
-                    ok,
-                    sum(errors.values()),
-                    int(dead),
-                    json.dumps(dict(errors)) if errors else "{}",
+                    tally.ok,
+                    sum(tally.errors.values()),
+                    int(tally.dead),
+                    json.dumps(dict(tally.errors)) if tally.errors else "{}",
                     token,
-                    weights or "",
+                    tally.weights or "",
                 ],
             )
         return bool(counted), bool(claimed)
@@ -390,34 +391,32 @@ class Ledger:
                 )
             )
 
-    def reset_counts(
-        self, job_id: str, *, done_batches: Mapping[int, tuple[int, dict[str, int], bool]]
-    ) -> None:
-        """Rebuild a job's counters from what storage holds (`reconcile`); it runs again.
+    def reset_counts(self, job_id: str, *, done_batches: Mapping[int, Tally]) -> None:
+        """Rebuild a job's counters from the part files storage holds (`reconcile`).
 
-        ``done_batches`` maps batch number -> (ok, errors by kind, dead).
+        ``done_batches``: batch number -> the tally of its part file. The job
+        runs again.
         """
         keys = self.keys(job_id)
-        ok = sum(v[0] for v in done_batches.values())
-        errors: dict[str, int] = {}
-        for _ok, errs, _dead in done_batches.values():
-            for kind, n in errs.items():
-                errors[kind] = errors.get(kind, 0) + n
+        ok = sum(t.ok for t in done_batches.values())
+        errors: Counter[str] = Counter()
+        for t in done_batches.values():
+            errors.update(t.errors)
         with _redis():
             old = [str(k) for k in self.r.hkeys(keys.job) if str(k).startswith(ERR)]
         pipe = self.r.pipeline()
         pipe.delete(keys.done, keys.dead, keys.attempts)
         if old:
             pipe.hdel(keys.job, *old)
-        for b, (_ok, _errs, dead) in done_batches.items():
+        for b, t in done_batches.items():
             pipe.setbit(keys.done, b, 1)
-            if dead:
+            if t.dead:
                 pipe.sadd(keys.dead, b)
         mapping: dict[str, str | int | float] = {
             "images_ok": ok,
             "images_error": sum(errors.values()),
             "batches_done": len(done_batches),
-            "batches_dead": sum(1 for v in done_batches.values() if v[2]),
+            "batches_dead": sum(1 for t in done_batches.values() if t.dead),
             **{f"{ERR}{k}": v for k, v in errors.items()},
             "state": JobState.RUNNING,
         }

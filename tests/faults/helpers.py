@@ -21,7 +21,7 @@ from typing import Any
 
 from labelmill.errors import ERROR_KINDS
 from labelmill.job import Ledger
-from labelmill.records import SCHEMA
+from labelmill.job.record import SCHEMA
 from tests import images
 from tests.fixtures.procs import Proc, wait_until
 from tests.fixtures.stack import Pipeline

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from labelmill.records import loads_lines
+from labelmill.job.record import loads_lines
 from tests import images
 from tests.fixtures.stack import Pipeline
 

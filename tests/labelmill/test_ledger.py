@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import replace
 
 import pytest
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
 from labelmill.job import JobSpec, JobState, Ledger, Position
+from labelmill.job.record import Tally
 
 pytestmark = pytest.mark.integration
+
+
+def _t(ok: int = 0, *, weights: str | None = None, **errors: int) -> Tally:
+    """A batch's tally: ``ok`` images classified, the others failed by kind."""
+    return Tally(ok, Counter(errors), weights)
 
 
 def _spec(job_id: str = "j1") -> JobSpec:
@@ -44,13 +51,13 @@ def test_complete_counts_once_and_claims_once(ledger: Ledger) -> None:
     for b in range(3):
         ledger.mark_outstanding("j1", b)
     ledger.record_enqueued("j1", Position(3, listed=10, last_key="", images_total=10))
-    assert ledger.complete_batch("j1", 0, ok=3, errors={"decode": 1}) == (True, False)
+    assert ledger.complete_batch("j1", 0, _t(3, decode=1)) == (True, False)
     # Redelivery: not counted again.
-    assert ledger.complete_batch("j1", 0, ok=3, errors={"decode": 1}) == (False, False)
+    assert ledger.complete_batch("j1", 0, _t(3, decode=1)) == (False, False)
     assert ledger.finish_enqueue("j1", 3, None) is False
-    assert ledger.complete_batch("j1", 1, ok=4, errors={}, weights="random:seed=1") == (True, False)
-    assert ledger.complete_batch("j1", 2, ok=0, errors={"dead": 2}, dead=True) == (True, True)
-    assert ledger.complete_batch("j1", 2, ok=0, errors={"dead": 2}, dead=True) == (False, False)
+    assert ledger.complete_batch("j1", 1, _t(4, weights="random:seed=1")) == (True, False)
+    assert ledger.complete_batch("j1", 2, _t(dead=2)) == (True, True)
+    assert ledger.complete_batch("j1", 2, _t(dead=2)) == (False, False)
     c = ledger.counts("j1")
     assert (c.images_ok, c.images_error, c.batches_done, c.batches_dead) == (7, 3, 3, 1)
     assert c.errors == {"decode": 1, "dead": 2}
@@ -61,7 +68,7 @@ def test_complete_counts_once_and_claims_once(ledger: Ledger) -> None:
 
 def test_finish_enqueue_claims_when_batches_already_done(ledger: Ledger) -> None:
     ledger.create_job(_spec())
-    ledger.complete_batch("j1", 0, ok=1, errors={})
+    ledger.complete_batch("j1", 0, _t(1))
     assert (
         ledger.finish_enqueue("j1", 1, Position(1, listed=1, last_key="", images_total=1)) is True
     )
@@ -85,7 +92,7 @@ def test_racing_completions_claim_exactly_once(ledger: Ledger) -> None:
 
     def work(b: int) -> None:
         for _ in range(2):  # every batch delivered twice
-            _counted, claimed = ledger.complete_batch("j1", b, ok=1, errors={})
+            _counted, claimed = ledger.complete_batch("j1", b, _t(1))
             with lock:
                 claims.append(claimed)
 
@@ -104,7 +111,7 @@ def test_window_and_cancel(ledger: Ledger) -> None:
         ledger.mark_outstanding("j1", b)
     ledger.mark_outstanding("other", 0)
     ledger.record_enqueued("j1", Position(5, listed=5, last_key="", images_total=5))
-    ledger.complete_batch("j1", 0, ok=1, errors={})
+    ledger.complete_batch("j1", 0, _t(1))
     assert ledger.window("j1") == ("enqueuing", 4)
     assert sorted(ledger.outstanding_batches("j1")) == [1, 2, 3, 4]
     assert ledger.cancel("j1") == 4
@@ -117,28 +124,28 @@ def test_window_and_cancel(ledger: Ledger) -> None:
 def test_reopen_dead_undoes_counts_once(ledger: Ledger) -> None:
     ledger.create_job(_spec())
     ledger.finish_enqueue("j1", 2, None)
-    ledger.complete_batch("j1", 0, ok=4, errors={})
-    ledger.complete_batch("j1", 1, ok=0, errors={"dead": 3}, dead=True)
+    ledger.complete_batch("j1", 0, _t(4))
+    ledger.complete_batch("j1", 1, _t(dead=3))
     ledger.mark_done("j1")
     assert ledger.reopen_dead("j1", 1, 3) is True
     assert ledger.reopen_dead("j1", 1, 3) is False
     c = ledger.counts("j1")
     assert c.state == JobState.RUNNING
     assert (c.images_error, c.batches_done, c.batches_dead, c.errors) == (0, 1, 0, {})
-    assert ledger.complete_batch("j1", 1, ok=3, errors={}) == (True, True)
+    assert ledger.complete_batch("j1", 1, _t(3)) == (True, True)
 
 
 def test_reset_counts_rebuilds_from_storage_view(ledger: Ledger) -> None:
     ledger.restore_job(_spec())
     ledger.reset_counts(
         "j1",
-        done_batches={0: (3, {"decode": 1}, False), 2: (0, {"dead": 4}, True)},
+        done_batches={0: _t(3, decode=1), 2: _t(dead=4)},
     )
     c = ledger.counts("j1")
     assert (c.images_ok, c.images_error, c.batches_done, c.batches_dead) == (3, 5, 2, 1)
     assert ledger.is_done("j1", 2) and not ledger.is_done("j1", 1)
     assert ledger.finish_enqueue("j1", 3, None) is False
-    ledger.complete_batch("j1", 1, ok=4, errors={})
+    ledger.complete_batch("j1", 1, _t(4))
     assert ledger.counts("j1").state == JobState.RUNNING
 
 
@@ -152,11 +159,11 @@ def test_a_lost_reply_does_not_lose_the_manifest_claim(ledger: Ledger) -> None:
     """The same delivery retrying after a lost reply keeps its claim; a copy does not."""
     ledger.create_job(_spec())
     ledger.finish_enqueue("j1", 1, None)
-    assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-a") == (True, True)
+    assert ledger.complete_batch("j1", 0, _t(1), token="delivery-a") == (True, True)
     # Redis died before the reply: the worker retries the same call.
-    assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-a") == (False, True)
+    assert ledger.complete_batch("j1", 0, _t(1), token="delivery-a") == (False, True)
     # Another copy of the batch never gets it.
-    assert ledger.complete_batch("j1", 0, ok=1, errors={}, token="delivery-b") == (False, False)
+    assert ledger.complete_batch("j1", 0, _t(1), token="delivery-b") == (False, False)
     assert ledger.counts("j1").images_ok == 1
 
 

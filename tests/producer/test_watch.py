@@ -6,7 +6,6 @@ import io
 
 from rich.console import Console
 
-from labelmill.storage.memory import MemoryStorage
 from producer.watch import summary
 
 
@@ -23,8 +22,8 @@ def _status(version: int | None) -> dict[str, object]:
 
 def test_a_job_without_a_version_yet_says_so() -> None:
     out = io.StringIO()
-    summary(Console(file=out, width=200), _status(None), MemoryStorage())
+    summary(Console(file=out, width=200), _status(None), [])
     assert "version not pinned yet" in out.getvalue()
     out = io.StringIO()
-    summary(Console(file=out, width=200), _status(2), MemoryStorage())
+    summary(Console(file=out, width=200), _status(2), [])
     assert "version 2 " in out.getvalue()

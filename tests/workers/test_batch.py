@@ -11,8 +11,8 @@ import pytest
 
 from labelmill.errors import InferenceError, ModelNotFound, ModelUnavailable, StorageUnavailable
 from labelmill.job import JobSpec, Ledger, Position
+from labelmill.job.record import loads_lines
 from labelmill.model_client import Prediction
-from labelmill.records import loads_lines
 from labelmill.settings import Settings
 from labelmill.storage import MemoryStorage
 from tests import images

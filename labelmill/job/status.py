@@ -1,20 +1,17 @@
-"""Job-level views shared by producer and workers: ids, status, manifest, spec file."""
+"""Job-level views shared by producer and workers: ids, ``status --json``, the manifest."""
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-from labelmill.job import JobCounts, JobSpec, JobState, Ledger
-from labelmill.records import SCHEMA
-from labelmill.storage import ObjectStore, join_uri
-
-JOB_FILE = "_job.json"
-MANIFEST_FILE = "_manifest.json"
-SUCCESS_FILE = "_SUCCESS"
+from labelmill.job.folder import JobFolder, job_uri
+from labelmill.job.ledger import Ledger
+from labelmill.job.model import JobCounts, JobState
+from labelmill.job.record import SCHEMA, weights_dict
+from labelmill.storage import ObjectStore
 
 
 def new_job_id(now: float | None = None) -> str:
@@ -38,20 +35,9 @@ def is_valid_job_id(job_id: object) -> bool:
     )
 
 
-def job_dir(spec: JobSpec) -> str:
-    return join_uri(spec.output, spec.job_id)
-
-
 def model_dict(counts: JobCounts) -> dict[str, Any]:
-    weights = counts.model_weights or None
-    out: dict[str, Any] = {
-        "name": counts.spec.model_name,
-        "version": counts.spec.model_version,
-        "weights": weights,
-    }
-    if weights and weights.startswith("random"):
-        out["note"] = "random weights: labels are meaningless"
-    return out
+    spec = counts.spec
+    return weights_dict(spec.model_name, spec.model_version, counts.model_weights or None)
 
 
 def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
@@ -77,7 +63,7 @@ def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
         "job_id": counts.spec.job_id,
         "state": counts.state,
         "input": counts.spec.input,
-        "output": job_dir(counts.spec),
+        "output": job_uri(counts.spec),
         "images": {
             "total": counts.images_total,
             "ok": counts.images_ok,
@@ -130,17 +116,6 @@ def write_manifest(storage: ObjectStore, ledger: Ledger, job_id: str) -> dict[st
     counts = ledger.counts(job_id)
     manifest = manifest_dict(counts)
     manifest["dead_batches"] = ledger.dead_batches(job_id)
-    base = job_dir(counts.spec)
-    root = counts.spec.output
-    body = json.dumps(manifest, indent=2).encode() + b"\n"
-    storage.put(join_uri(base, MANIFEST_FILE), body, root=root)
-    storage.put(join_uri(base, SUCCESS_FILE), b"", content_type="text/plain", root=root)
+    JobFolder.of(storage, counts.spec).write_manifest(manifest)
     ledger.mark_done(job_id)
     return manifest
-
-
-def write_job_file(storage: ObjectStore, spec: JobSpec, extra: dict[str, Any]) -> None:
-    """Save the spec beside the results, so `reconcile` works without Redis."""
-    body = {"schema": SCHEMA, **spec.as_dict(), **extra}
-    data = json.dumps(body, indent=2).encode() + b"\n"
-    storage.put(join_uri(job_dir(spec), JOB_FILE), data, root=spec.output)

@@ -1,0 +1,179 @@
+"""The result record: one per input image, one JSON line in a part file, and its tally.
+
+A part file is a pure function of (job, batch, model version): records carry
+no timestamps, and keys are written in a fixed order, so a redelivered batch
+overwrites its part file with identical bytes.
+
+The worker counts a batch with :func:`tally` before it updates the ledger;
+``reconcile`` counts the part files it reads back with the same function.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from labelmill.errors import ErrorKind
+
+SCHEMA = 1
+TOP_K = 5
+DEAD: ErrorKind = "dead"
+
+
+def random_weights(weights: str | None) -> bool:
+    return bool(weights) and str(weights).startswith("random")
+
+
+def weights_dict(name: str, version: int | None, weights: str | None) -> dict[str, Any]:
+    """A model's ``{"name", "version", "weights"}``, and a note on random weights."""
+    out: dict[str, Any] = {"name": name, "version": version, "weights": weights}
+    if random_weights(weights):
+        # Never let random-weight labels pass for real ones.
+        out["note"] = "random weights: labels are meaningless"
+    return out
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model produced a label: name, served version and weights tag."""
+
+    name: str
+    version: int
+    weights: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return weights_dict(self.name, self.version, self.weights)
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    class_id: int
+    score: float
+
+
+@dataclass(frozen=True)
+class OkRecord:
+    """An image that was classified."""
+
+    uri: str
+    etag: str | None
+    labels: Sequence[Label]
+    model: ModelInfo
+    job_id: str
+    batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "uri": self.uri,
+            "etag": self.etag,
+            "status": "ok",
+            "labels": [
+                {"label": lb.label, "class_id": lb.class_id, "score": round(lb.score, 6)}
+                for lb in self.labels
+            ],
+            "model": self.model.as_dict(),
+            "job_id": self.job_id,
+            "batch": self.batch,
+        }
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """An image that could not be classified, with a kind and a reason."""
+
+    uri: str
+    kind: ErrorKind
+    message: str
+    job_id: str
+    batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "uri": self.uri,
+            "status": "error",
+            "error": {"kind": self.kind, "message": self.message},
+            "job_id": self.job_id,
+            "batch": self.batch,
+        }
+
+
+Record = OkRecord | ErrorRecord
+
+
+def from_dict(d: Mapping[str, Any]) -> Record:
+    """A record read back from a part file; ValueError if it is not one."""
+    try:
+        if d["status"] == "ok":
+            m = d["model"]
+            return OkRecord(
+                uri=str(d["uri"]),
+                etag=d.get("etag"),
+                labels=tuple(
+                    Label(str(x["label"]), int(x["class_id"]), float(x["score"]))
+                    for x in d["labels"]
+                ),
+                model=ModelInfo(str(m["name"]), int(m["version"]), str(m["weights"])),
+                job_id=str(d["job_id"]),
+                batch=int(d["batch"]),
+            )
+        if d["status"] == "error":
+            return ErrorRecord(
+                uri=str(d["uri"]),
+                kind=d["error"]["kind"],
+                message=str(d["error"]["message"]),
+                job_id=str(d["job_id"]),
+                batch=int(d["batch"]),
+            )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a result record: {exc!r}") from None
+    raise ValueError(f"not a result record: status {d.get('status')!r}")
+
+
+@dataclass
+class Tally:
+    """What one batch's records add to the job's counts."""
+
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    weights: str | None = None  # the first classified image's weights tag
+    versions: set[int] = field(default_factory=set)  # model versions that answered
+
+    @property
+    def images(self) -> int:
+        return self.ok + sum(self.errors.values())
+
+    @property
+    def dead(self) -> bool:
+        """The batch was declared dead: every image carries the ``dead`` error."""
+        return self.images > 0 and self.errors[DEAD] == self.images
+
+
+def tally(records: Iterable[Record]) -> Tally:
+    t = Tally()
+    for r in records:
+        if isinstance(r, OkRecord):
+            t.ok += 1
+            t.weights = t.weights or r.model.weights
+            t.versions.add(r.model.version)
+        else:
+            t.errors[r.kind] += 1
+    return t
+
+
+def dumps_lines(records: Iterable[Record]) -> bytes:
+    """Serialise records as JSON lines (UTF-8, one object per line)."""
+    return b"".join(
+        json.dumps(r.as_dict(), ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        for r in records
+    )
+
+
+def loads_lines(data: bytes) -> list[dict[str, Any]]:
+    """Parse a part file into its JSON objects; raises ValueError on a corrupt line."""
+    return [json.loads(line) for line in data.splitlines() if line.strip()]
