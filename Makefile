@@ -56,6 +56,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -68,13 +69,13 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 up: install
-	$(BIN)/python -m labelmill.stack up --dir $(STACK_DIR)
+	$(BIN)/python -m labelmill.dev.stack up --dir $(STACK_DIR)
 
 down:
-	$(BIN)/python -m labelmill.stack down --dir $(STACK_DIR)
+	$(BIN)/python -m labelmill.dev.stack down --dir $(STACK_DIR)
 
 demo: install
-	$(BIN)/python -m labelmill.demo --dir $(STACK_DIR) $(if $(SOURCE),--source "$(SOURCE)")
+	$(BIN)/python -m labelmill.dev.demo --dir $(STACK_DIR) $(if $(SOURCE),--source "$(SOURCE)")
 
 proto: $(STAMP)
 	$(BIN)/python -m labelmill._proto.generate

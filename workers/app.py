@@ -15,13 +15,13 @@ from typing import Any
 from celery.exceptions import Reject
 from celery.signals import worker_init, worker_process_shutdown
 
-import workers.signals  # noqa: F401  (signal hooks: metrics endpoint, heartbeat)
 from labelmill.errors import TransientError
 from labelmill.job import Ledger
 from labelmill.model_client import ModelClient
 from labelmill.queue import TASK, make_celery
 from labelmill.settings import Settings
 from labelmill.storage import Storage
+from workers import signals
 from workers.batch import Outcome, Services, run_batch
 from workers.budget import process_budget
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 settings = Settings()
 app = make_celery(settings)
 app.conf.worker_consumer = "workers.consumer:Consumer"
+signals.connect(settings)  # metrics endpoint, heartbeat, visibility, orphan sweep
 
 _services: Services | None = None
 _services_pid: int | None = None

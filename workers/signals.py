@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.signals import (
     celeryd_init,
@@ -47,6 +47,9 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
 )
+
+if TYPE_CHECKING:
+    from labelmill.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +97,17 @@ def _reset_metrics(**_: Any) -> None:
     metrics.reset_multiproc_dir()
 
 
-@worker_ready.connect
-def _ready(**_: Any) -> None:
-    touch_heartbeat()
-    from workers.app import settings  # the app module is fully imported by now
+def connect(settings: Settings) -> None:
+    """Connect the hooks that need the worker's settings (``workers.app`` calls this)."""
 
+    def ready(**_: Any) -> None:
+        _ready(settings)
+
+    worker_ready.connect(ready, weak=False)
+
+
+def _ready(settings: Settings) -> None:
+    touch_heartbeat()
     if settings.metrics_port is not None:
         try:
             start_metrics_server(settings.metrics_port, settings.redis_url, settings.key_prefix)

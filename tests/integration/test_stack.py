@@ -1,4 +1,4 @@
-"""`python -m labelmill.stack up/down`: the whole local stack as processes."""
+"""`python -m labelmill.dev.stack up/down`: the whole local stack as processes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from labelmill.stack import Ports, port_free
+from labelmill.dev.stack import Ports, port_free
 from tests import images
 from tests.fixtures.procs import wait_until
 
@@ -46,7 +46,7 @@ def test_stack_up_runs_a_job_and_down_stops_only_its_processes(
     stack_dir = tmp_path / "stack"
     base = _free_block()
     ports = Ports.from_base(base)
-    cmd = [sys.executable, "-m", "labelmill.stack"]
+    cmd = [sys.executable, "-m", "labelmill.dev.stack"]
     up = subprocess.run(
         [*cmd, "up", "--detach", "--dir", str(stack_dir), "--port-base", str(base),
          "--workers", "1", "--model-base", str(tiny_model_base)],

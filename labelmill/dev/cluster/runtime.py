@@ -48,7 +48,7 @@ from labelmill.dev.cluster.substitutions import (
     Rewriter,
     service_names,
 )
-from labelmill.stack import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, StackError, _bin, s3_config
+from labelmill.dev.stack import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, StackError, _bin, s3_config
 
 TICK_S = 0.25
 S3_START_TIMEOUT_S = 90.0

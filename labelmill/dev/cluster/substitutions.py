@@ -64,7 +64,7 @@ bucket ``REPLACE-models-      the local bucket :data:`MODELS_BUCKET` on the
 bucket``                      SeaweedFS S3 gateway that stands in for the
                               cloud bucket
 Secret ``labelmill-s3``       the local gateway's identity and endpoint
-                              (``labelmill.stack``'s local keys)
+                              (``labelmill.dev.stack``'s local keys)
 a Secret value starting with  a random hex value made at ``up`` (the
 ``REPLACE_WITH``              example files' placeholders), kept in
                               ``DIR/secrets.json`` for the next ``up``

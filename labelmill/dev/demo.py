@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from labelmill import stack
+from labelmill.dev import stack
 
 console = Console()
 SAMPLES = [
@@ -84,7 +84,7 @@ def producer(*args: str, capture: bool = False) -> subprocess.CompletedProcess[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labelmill.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m labelmill.dev.demo", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path(".stack"))
     parser.add_argument("--source", type=Path, default=None, help="classify this folder")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The local stack: every labelmill service as a process on this machine.
 
-``python -m labelmill.stack up`` writes a Procfile under the stack folder
+``python -m labelmill.dev.stack up`` writes a Procfile under the stack folder
 (default ``.stack/``) and runs it with honcho: Redis (AOF on), SeaweedFS's S3
 gateway, ``serving local`` on the exported model, Celery workers and Flower.
 It waits until each service answers, prints where everything is, and either
@@ -340,7 +340,7 @@ def down(root: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labelmill.stack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m labelmill.dev.stack", description=__doc__)
     parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("--dir", type=Path, default=Path(".stack"))
     parser.add_argument("--detach", action="store_true")
