@@ -68,12 +68,6 @@ class Settings(BaseSettings):
     restore_interval_s: int = Field(default=10, ge=1)
     metrics_port: int | None = None
 
-    # Test-only fault hook, inert unless set: a worker that fetches an object
-    # containing these bytes exits at once (os._exit), like a decoder crash.
-    # The fault-injection suite uses it to build a poison batch. Never set in
-    # production.
-    test_crash_marker: str | None = None
-
     # Object storage deadlines (boto3).
     s3_connect_timeout_s: float = Field(default=5.0, gt=0)
     s3_read_timeout_s: float = Field(default=30.0, gt=0)

@@ -111,6 +111,11 @@ def _note(message: str) -> None:
     err.print(f"producer: {message}", markup=False, highlight=False)
 
 
+def _override(settings: Settings, **flags: object) -> Settings:
+    """``settings`` with the flags that were given (not None): flag beats environment."""
+    return settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
+
+
 def env(ctx: typer.Context) -> Env:
     obj = ctx.obj
     assert isinstance(obj, Env)
@@ -121,12 +126,14 @@ def env(ctx: typer.Context) -> Env:
 def main_options(
     ctx: typer.Context,
     redis_url: Annotated[
-        str | None, typer.Option(envvar="LABELMILL_REDIS_URL", help="Broker and ledger.")
+        str | None, typer.Option(help="Broker and ledger [env: LABELMILL_REDIS_URL].")
     ] = None,
     model_server: Annotated[
-        str | None, typer.Option(envvar="LABELMILL_MODEL_SERVER", help="gRPC target.")
+        str | None, typer.Option(help="gRPC target [env: LABELMILL_MODEL_SERVER].")
     ] = None,
-    key_prefix: Annotated[str | None, typer.Option(envvar="LABELMILL_KEY_PREFIX")] = None,
+    key_prefix: Annotated[
+        str | None, typer.Option(help="Redis key prefix [env: LABELMILL_KEY_PREFIX].")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Options shared by every subcommand (flag beats environment beats default)."""
@@ -139,16 +146,9 @@ def main_options(
     except ValidationError as exc:
         first = exc.errors()[0]
         raise UsageError(f"bad setting {first['loc']}: {first['msg']}") from None
-    overrides = {
-        k: v
-        for k, v in {
-            "redis_url": redis_url,
-            "model_server": model_server,
-            "key_prefix": key_prefix,
-        }.items()
-        if v is not None
-    }
-    ctx.obj = Env(settings.model_copy(update=overrides))
+    ctx.obj = Env(
+        _override(settings, redis_url=redis_url, model_server=model_server, key_prefix=key_prefix)
+    )
 
 
 @app.command()
@@ -157,34 +157,33 @@ def enqueue(
     source: Annotated[str, typer.Argument(help="s3://bucket/prefix/ or a local folder")],
     output: Annotated[str, typer.Option("--output", "-o", help="Where labels go.")],
     batch_size: Annotated[
-        int | None, typer.Option(min=1, max=1024, envvar="LABELMILL_BATCH_SIZE")
+        int | None,
+        typer.Option(min=1, max=1024, help="Images per batch [env: LABELMILL_BATCH_SIZE]."),
     ] = None,
     max_outstanding: Annotated[
-        int | None, typer.Option(min=1, envvar="LABELMILL_MAX_OUTSTANDING")
+        int | None,
+        typer.Option(
+            min=1, help="Batches queued or running at once [env: LABELMILL_MAX_OUTSTANDING]."
+        ),
     ] = None,
     job_id: Annotated[
         str | None, typer.Option(help="Name the job; the same id resumes it.")
     ] = None,
     model_version: Annotated[
-        int | None, typer.Option(min=1, envvar="LABELMILL_MODEL_VERSION")
+        int | None,
+        typer.Option(min=1, help="Pin this model version [env: LABELMILL_MODEL_VERSION]."),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="List and count; enqueue nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """List images under SOURCE and enqueue them in batches."""
     e = env(ctx)
-    s = e.settings.model_copy(
-        update={
-            k: v
-            for k, v in {
-                "batch_size": batch_size,
-                "max_outstanding": max_outstanding,
-                "model_version": model_version,
-            }.items()
-            if v is not None
-        }
+    s = e.settings = _override(
+        e.settings,
+        batch_size=batch_size,
+        max_outstanding=max_outstanding,
+        model_version=model_version,
     )
-    e.settings = s
     if job_id is not None:
         _check_job_id(job_id)
     if dry_run:

@@ -9,7 +9,6 @@ decoding, so the threads also use several cores.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -102,12 +101,6 @@ def _load_one(
         t1 = time.perf_counter()
         if not data:
             raise ImageError("empty", f"{uri}: object is empty (0 bytes)")
-        marker = settings.test_crash_marker
-        if marker and marker.encode() in data:
-            # Test-only fault hook (off unless LABELMILL_TEST_CRASH_MARKER is
-            # set): die like a segfaulting decoder, with no cleanup, so that
-            # the fault suite can check the poison-batch delivery limit.
-            os._exit(70)
         pixels = preprocess(
             data,
             max_pixels=settings.max_pixels,

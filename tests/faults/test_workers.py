@@ -205,7 +205,7 @@ def test_poison_batch_is_declared_dead_after_max_deliveries(pipeline: Pipeline) 
     out = f"s3://{p.bucket}/out/"
     job = p.enqueue(f"s3://{p.bucket}/in/", out, "--batch-size", BATCH)
     env = {"LABELMILL_TEST_CRASH_MARKER": POISON, "LABELMILL_MAX_DELIVERIES": "3"}
-    worker = p.start_worker(concurrency=2, extra=env)
+    worker = p.start_worker(concurrency=2, extra=env, app="tests.faults.crashing_worker")
     p.wait_done(job["job_id"], timeout=180)
 
     checked = check_job(p, job["job_id"], inputs, out, dead=[10])
@@ -219,13 +219,13 @@ def test_poison_batch_is_declared_dead_after_max_deliveries(pipeline: Pipeline) 
     assert log_text(worker).count("WorkerLostError") >= 3
 
 
-def test_hook_is_inert_unless_enabled(pipeline: Pipeline) -> None:
-    """The same poisoned image, without the test setting, is just an ok image."""
+def test_the_real_worker_has_no_such_hook(pipeline: Pipeline) -> None:
+    """The same poisoned image, given to the production app, is just an ok image."""
     p = pipeline
     inputs = put_many(p, {"in/p.jpg": images.jpeg(16, 16) + POISON.encode()})
     out = f"s3://{p.bucket}/out/"
     job = p.enqueue(f"s3://{p.bucket}/in/", out)
-    p.start_worker(concurrency=1)
+    p.start_worker(concurrency=1, extra={"LABELMILL_TEST_CRASH_MARKER": POISON})
     p.wait_done(job["job_id"])
     checked = check_job(p, job["job_id"], inputs, out)
     assert checked.output.lines[0]["status"] == "ok"
