@@ -4,20 +4,19 @@ Workers and the producer import this module; it needs only grpcio, protobuf
 and numpy. Messages come from ``labelmill/_proto/tfs.proto``, wire-compatible
 with TF Serving's own, and methods are called by TF Serving's paths.
 
-Retry policy, chosen by gRPC status code:
+Each call is one attempt, with a deadline (``timeout_s``); its failure is
+mapped by gRPC status code, and retrying is the caller's (``labelmill.retry``):
 
-- UNAVAILABLE, DEADLINE_EXCEEDED: retried with exponential backoff and full
-  jitter until ``retry_budget_s`` is spent, then :class:`ModelUnavailable`.
-- NOT_FOUND: :class:`ModelNotFound` at once.
+- UNAVAILABLE, DEADLINE_EXCEEDED: :class:`ModelUnavailable` (transient).
+- NOT_FOUND: :class:`ModelNotFound`.
 - INVALID_ARGUMENT, RESOURCE_EXHAUSTED (a message over the size limit) and
-  anything else: :class:`InferenceError` at once, never retried.
+  anything else: :class:`InferenceError` (permanent).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +36,6 @@ PREDICT = "/tensorflow.serving.PredictionService/Predict"
 GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
 
 IMAGE_SHAPE = (299, 299, 3)
-BACKOFF_BASE_S = 0.1
-BACKOFF_MAX_S = 10.0
 POLL_INTERVAL_S = 0.5
 
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -143,13 +140,11 @@ class ModelClient:
         model_name: str = "inception",
         *,
         timeout_s: float = 60.0,
-        retry_budget_s: float = 60.0,
         max_message_bytes: int = 256 * 2**20,
     ) -> None:
         self.target = target
         self.model_name = model_name
         self.timeout_s = timeout_s
-        self.retry_budget_s = retry_budget_s
         self._channel = grpc.insecure_channel(
             target,
             options=[
@@ -215,9 +210,7 @@ class ModelClient:
         last = "no answer yet"
         while True:
             try:
-                response = self._call(
-                    self._status, self._status_request(version), version, budget_s=0.0
-                )
+                response = self._call(self._status, self._status_request(version), version)
                 versions = self._versions(response)
                 available = [v for v, s in versions.items() if s == "AVAILABLE"]
                 if version is None and available:
@@ -295,35 +288,16 @@ class ModelClient:
                 "is this model exported by `serving export`?"
             ) from None
 
-    def _call(
-        self,
-        method: Callable[..., R],
-        request: Message,
-        version: int | None,
-        *,
-        budget_s: float | None = None,
-    ) -> R:
-        """One RPC with a deadline, retried on transient codes within the budget."""
-        budget = self.retry_budget_s if budget_s is None else budget_s
-        give_up = time.monotonic() + budget
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return method(request, timeout=self.timeout_s)
-            except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-                details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-                message = f"{self._where(version)}: {code.name}: {details}"
-                if code == grpc.StatusCode.NOT_FOUND:
-                    raise ModelNotFound(message) from None
-                if code not in _TRANSIENT:
-                    raise InferenceError(message) from None
-                remaining = give_up - time.monotonic()
-                if remaining <= 0:
-                    raise ModelUnavailable(
-                        f"{message} (gave up after {attempt} attempts)"
-                    ) from None
-                pause = random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
-                log.debug("%s; retry %d in %.2fs", message, attempt, pause)
-                time.sleep(min(pause, remaining))
+    def _call(self, method: Callable[..., R], request: Message, version: int | None) -> R:
+        """One RPC with a deadline; a failure raised as what its status code means."""
+        try:
+            return method(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            message = f"{self._where(version)}: {code.name}: {details}"
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise ModelNotFound(message) from None
+            if code in _TRANSIENT:
+                raise ModelUnavailable(message) from None
+            raise InferenceError(message) from None

@@ -1,4 +1,14 @@
-"""Retrying transient failures with exponential backoff and full jitter, on a time budget."""
+"""The one retry layer: transient failures retried with backoff, on one deadline per batch.
+
+Clients (storage, the ledger, the model client) make one attempt and raise a
+:class:`~labelmill.errors.TransientError` (worth another try) or a permanent
+error; they never retry on their own. A batch gets one :class:`Deadline`
+(``LABELMILL_RETRY_BUDGET_S``) that every stage's retries share: fetching,
+pinning the model version, predicting, and recording the outcome. The work
+stages stop retrying ``reserve_s`` before the end, so that the batch can
+still record what happened (its part file, dead lines included, the ledger,
+the manifest) when the rest of the budget was spent waiting.
+"""
 
 from __future__ import annotations
 
@@ -13,31 +23,57 @@ from labelmill.errors import TransientError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+BASE_S = 0.2  # the first pause is at most this; each next one doubles ...
+CAP_S = 10.0  # ... up to this (full jitter: a uniform draw below the bound)
 
-def retry_transient(
+
+def record_reserve_s(budget_s: float) -> float:
+    """What a batch keeps back from its budget to record its outcome."""
+    return min(60.0, budget_s / 5)
+
+
+class Deadline:
+    """One batch's time for retries, ``budget_s`` from now, ``reserve_s`` of it kept back."""
+
+    def __init__(
+        self,
+        budget_s: float,
+        *,
+        reserve_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budget_s = budget_s
+        self.clock = clock
+        self.end = clock() + budget_s
+        self.work_end = self.end - min(reserve_s, budget_s)
+
+    def remaining(self, *, record: bool = False) -> float:
+        """Seconds left for a work stage, or (``record``) for recording the outcome."""
+        return (self.end if record else self.work_end) - self.clock()
+
+
+def retry(
     fn: Callable[[], T],
     *,
-    budget_s: float,
+    deadline: Deadline,
     what: str,
-    base_s: float = 0.2,
-    cap_s: float = 10.0,
+    record: bool = False,
     sleep: Callable[[float], None] = time.sleep,
-    clock: Callable[[], float] = time.monotonic,
     on_retry: Callable[[TransientError], None] | None = None,
 ) -> T:
     """Call ``fn`` until it succeeds; retry only :class:`TransientError`.
 
-    Waits ``uniform(0, min(cap, base * 2**n))`` between tries (full jitter) and
-    re-raises the last error once ``budget_s`` would be exceeded.
+    Waits ``uniform(0, min(CAP_S, BASE_S * 2**n))`` between tries and re-raises
+    the last error once the next wait would pass the deadline (its work part,
+    or all of it for a ``record`` stage).
     """
-    deadline = clock() + budget_s
     attempt = 0
     while True:
         try:
             return fn()
         except TransientError as exc:
-            delay = random.uniform(0, min(cap_s, base_s * 2**attempt))
-            if clock() + delay > deadline:
+            delay = random.uniform(0, min(CAP_S, BASE_S * 2**attempt))
+            if delay > deadline.remaining(record=record):
                 raise
             attempt += 1
             if on_retry is not None:

@@ -93,9 +93,7 @@ class Env:
         from labelmill.model_client import ModelClient
 
         try:
-            with ModelClient(
-                s.model_server, s.model_name, timeout_s=5.0, retry_budget_s=0.0
-            ) as client:
+            with ModelClient(s.model_server, s.model_name, timeout_s=5.0) as client:
                 return client.newest_available_version()
         except (ModelUnavailable, ModelNotFound) as exc:
             _note(

@@ -50,12 +50,7 @@ class ProcessServices:
                     settings=s,
                     storage=Storage(s),
                     ledger=Ledger.from_url(s.redis_url, prefix=s.key_prefix, ttl_s=s.ledger_ttl_s),
-                    model=ModelClient(
-                        s.model_server,
-                        s.model_name,
-                        timeout_s=s.model_timeout_s,
-                        retry_budget_s=min(30.0, s.retry_budget_s),
-                    ),
+                    model=ModelClient(s.model_server, s.model_name, timeout_s=s.model_timeout_s),
                     memory=process_budget(s.memory_budget_mb, self.pool_processes),
                 )
                 self._pid = os.getpid()

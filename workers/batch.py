@@ -26,7 +26,7 @@ from labelmill.job.folder import JobFolder
 from labelmill.job.record import DEAD, ErrorRecord, OkRecord, Record, tally
 from labelmill.job.status import is_valid_job_id, write_manifest
 from labelmill.model_client import ModelClient
-from labelmill.retry import retry_transient
+from labelmill.retry import Deadline, record_reserve_s, retry
 from labelmill.settings import Settings
 from labelmill.storage import ObjectStore
 from workers import metrics
@@ -82,6 +82,9 @@ def run_batch(
     t0 = time.perf_counter()
     s = svc.settings
     budget = s.retry_budget_s
+    # One deadline for every stage's retries; the last part of it is kept for
+    # recording the outcome (part file, ledger, manifest).
+    deadline = Deadline(budget, reserve_s=record_reserve_s(budget))
     problem = _malformed(job_id, batch_no, uris)
     if problem is not None:
         # Not a message the producer sends (a bug or a hostile sender). Refuse
@@ -92,8 +95,8 @@ def run_batch(
             "refusing a malformed batch message (%s): job %r batch %r", problem, job_id, batch_no
         )
         return Outcome("skipped:malformed")
-    start = retry_transient(
-        lambda: svc.ledger.begin_batch(job_id, batch_no), budget_s=budget, what="ledger"
+    start = retry(
+        lambda: svc.ledger.begin_batch(job_id, batch_no), deadline=deadline, what="ledger"
     )
     if start.spec is None:
         log.warning("job %s batch %d: unknown job (expired?); dropped", job_id, batch_no)
@@ -121,8 +124,10 @@ def run_batch(
     else:
         try:
             if version is None:
-                version = _pin_version(svc, spec)
-            records = _classify_batch(svc, spec.job_id, batch_no, uris, spec.model_name, version)
+                version = _pin_version(svc, spec, deadline)
+            records = _classify_batch(
+                svc, spec.job_id, batch_no, uris, spec.model_name, version, deadline
+            )
         except TransientError as exc:
             dead_reason = f"gave up after the {budget:.0f}s retry budget: {exc}"
             records = []
@@ -139,9 +144,10 @@ def run_batch(
 
     folder = JobFolder.of(svc.storage, spec)
     with metrics.stage("store"):
-        retry_transient(
+        retry(
             lambda: folder.write_part(batch_no, records),
-            budget_s=budget,
+            deadline=deadline,
+            record=True,
             what=f"write {folder.part_uri(batch_no)}",
             on_retry=_count_retry("s3"),
         )
@@ -149,16 +155,18 @@ def run_batch(
     ok, errors = counts.ok, counts.errors
     token = uuid.uuid4().hex  # one per delivery: see Ledger.complete_batch
     with metrics.stage("ledger"):
-        counted, claimed = retry_transient(
+        counted, claimed = retry(
             lambda: svc.ledger.complete_batch(job_id, batch_no, counts, token=token),
-            budget_s=budget,
+            deadline=deadline,
+            record=True,
             what="ledger",
             on_retry=_count_retry("ledger"),
         )
     if claimed:
-        retry_transient(
+        retry(
             lambda: write_manifest(svc.storage, svc.ledger, job_id),
-            budget_s=budget,
+            deadline=deadline,
+            record=True,
             what=f"manifest of {job_id}",
         )
         log.info("job %s complete: manifest written", job_id)
@@ -188,22 +196,23 @@ def run_batch(
     )
 
 
-def _pin_version(svc: Services, spec: JobSpec) -> int:
+def _pin_version(svc: Services, spec: JobSpec, deadline: Deadline) -> int:
     """The job's model version: the newest AVAILABLE one, pinned by the first batch to ask.
 
     A job enqueued while the model tier was at zero or loading has no
     version yet. Waiting for one is part of the batch's retry budget; the
     ledger's pin (first writer wins) gives every batch the same version.
     """
-    budget = svc.settings.retry_budget_s
-    newest = retry_transient(
+    newest = retry(
         lambda: _newest_available(svc.model),
-        budget_s=budget,
+        deadline=deadline,
         what=f"an AVAILABLE version of model {spec.model_name}",
         on_retry=_count_retry("model"),
     )
-    pinned = retry_transient(
-        lambda: svc.ledger.pin_model_version(spec.job_id, newest), budget_s=budget, what="ledger"
+    pinned = retry(
+        lambda: svc.ledger.pin_model_version(spec.job_id, newest),
+        deadline=deadline,
+        what="ledger",
     )
     log.info("job %s: model version %d pinned for the whole job", spec.job_id, pinned)
     return pinned
@@ -239,6 +248,7 @@ def _classify_batch(
     uris: Sequence[str],
     model_name: str,
     version: int | None,
+    deadline: Deadline,
 ) -> list[Record]:
     s = svc.settings
     loaded = load_batch(
@@ -246,7 +256,7 @@ def _classify_batch(
         uris,
         s,
         svc.pool,
-        budget_s=s.retry_budget_s,
+        deadline=deadline,
         on_retry=_count_retry("s3"),
         memory=svc.memory,
     )
@@ -264,7 +274,7 @@ def _classify_batch(
                     [g.pixels for g in good],
                     model_name=model_name,
                     version=version,
-                    budget_s=s.retry_budget_s,
+                    deadline=deadline,
                     on_retry=_count_retry("model"),
                 )
         except InferenceError as exc:

@@ -9,7 +9,7 @@ import numpy as np
 from labelmill.errors import TransientError
 from labelmill.job.record import Label, ModelInfo
 from labelmill.model_client import ModelClient
-from labelmill.retry import retry_transient
+from labelmill.retry import Deadline, retry
 
 
 def classify(
@@ -18,18 +18,18 @@ def classify(
     *,
     model_name: str,
     version: int | None,
-    budget_s: float,
+    deadline: Deadline,
     on_retry: Callable[[TransientError], None] | None = None,
 ) -> tuple[list[list[Label]], ModelInfo]:
     """Labels for each image, and the model (version, weights) that served them.
 
-    Raises ModelUnavailable once the retry budget is spent, InferenceError at
-    once when the server rejects the batch.
+    Raises ModelUnavailable once the batch's deadline is reached, InferenceError
+    at once when the server rejects the batch.
     """
     batch = np.stack(pixels)
-    pred = retry_transient(
+    pred = retry(
         lambda: client.predict(batch, version=version),
-        budget_s=budget_s,
+        deadline=deadline,
         what=f"predict {model_name} v{version}",
         on_retry=on_retry,
     )

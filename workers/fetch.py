@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from labelmill.errors import ImageError, TransientError
-from labelmill.retry import retry_transient
+from labelmill.retry import Deadline, retry
 from labelmill.settings import Settings
 from labelmill.storage import ObjectStore
 from workers.budget import WorkerBudget
@@ -53,7 +53,7 @@ def load_one(
     uri: str,
     settings: Settings,
     *,
-    budget_s: float,
+    deadline: Deadline,
     on_retry: Callable[[TransientError], None] | None = None,
     memory: WorkerBudget | None = None,
 ) -> Loaded | Failed:
@@ -74,7 +74,7 @@ def load_one(
             held = size
 
     try:
-        return _load_one(storage, uri, settings, budget_s, on_retry, memory, admit)
+        return _load_one(storage, uri, settings, deadline, on_retry, memory, admit)
     finally:
         if memory is not None:
             memory.fetch.release(held)
@@ -84,7 +84,7 @@ def _load_one(
     storage: ObjectStore,
     uri: str,
     settings: Settings,
-    budget_s: float,
+    deadline: Deadline,
     on_retry: Callable[[TransientError], None] | None,
     memory: WorkerBudget | None,
     admit: Callable[[int], None],
@@ -92,9 +92,9 @@ def _load_one(
     t0 = time.perf_counter()
     t1: float | None = None  # when the bytes arrived
     try:
-        data, etag = retry_transient(
+        data, etag = retry(
             lambda: storage.get(uri, max_bytes=settings.max_object_bytes, admit=admit),
-            budget_s=budget_s,
+            deadline=deadline,
             what=f"fetch {uri}",
             on_retry=on_retry,
         )
@@ -122,14 +122,14 @@ def load_batch(
     settings: Settings,
     pool: ThreadPoolExecutor,
     *,
-    budget_s: float,
+    deadline: Deadline,
     on_retry: Callable[[TransientError], None] | None = None,
     memory: WorkerBudget | None = None,
 ) -> list[Loaded | Failed]:
-    """Fetch and decode every URI, in order. Transient errors past the budget propagate."""
+    """Fetch and decode every URI, in order. Transient errors past the deadline propagate."""
     futures = [
         pool.submit(
-            load_one, storage, u, settings, budget_s=budget_s, on_retry=on_retry, memory=memory
+            load_one, storage, u, settings, deadline=deadline, on_retry=on_retry, memory=memory
         )
         for u in uris
     ]

@@ -219,7 +219,7 @@ def _checks(root: Path, ports: Ports) -> list[tuple[str, Callable[[], bool], flo
         return True
 
     def model_ok() -> bool:
-        with ModelClient(env["LABELMILL_MODEL_SERVER"], timeout_s=2, retry_budget_s=0.1) as c:
+        with ModelClient(env["LABELMILL_MODEL_SERVER"], timeout_s=2) as c:
             return "AVAILABLE" in c.model_versions().values()
 
     def worker_ok() -> bool:

@@ -46,9 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def _serving(c: Cluster) -> ModelClient:
-    return ModelClient(
-        c.env()["LABELMILL_MODEL_SERVER"], "inception", timeout_s=5, retry_budget_s=1
-    )
+    return ModelClient(c.env()["LABELMILL_MODEL_SERVER"], "inception", timeout_s=5)
 
 
 @pytest.mark.timeout(300)

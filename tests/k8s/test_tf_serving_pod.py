@@ -101,7 +101,7 @@ def test_the_manifests_tf_serving_command_serves_and_classifies(
         )
         batch = Settings().batch_size
         pixels = np.random.default_rng(0).integers(0, 256, (batch, 299, 299, 3), dtype=np.uint8)
-        with ModelClient(target, retry_budget_s=10) as client:
+        with ModelClient(target) as client:
             result = client.predict(pixels)
         assert result.version == 1
         assert len(result.classes) == batch

@@ -27,7 +27,7 @@ def test_inception_v3_served_equals_keras(inception_server: ModelServer) -> None
     from serving.model import build, preprocess
 
     images = np.random.default_rng(3).integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
-    with ModelClient(inception_server.target, retry_budget_s=30) as client:
+    with ModelClient(inception_server.target) as client:
         served = client.predict(images)
     probs = build("inception_v3", "random", seed=1).model(preprocess(images), training=False)
     probs = np.asarray(probs)

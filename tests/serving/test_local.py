@@ -73,7 +73,7 @@ def test_scores_equal_keras_in_process(model_server: ModelServer) -> None:
     from serving.model import build, preprocess
 
     images = random_pixels(4)
-    with ModelClient(model_server.target, retry_budget_s=5) as client:
+    with ModelClient(model_server.target) as client:
         served = client.predict(images)
     probs = build("tiny", "random", seed=1).model(preprocess(images), training=False).numpy()
     expected_ids = np.argsort(-probs, axis=1)[:, :5]
@@ -90,7 +90,7 @@ def test_scores_equal_keras_in_process(model_server: ModelServer) -> None:
 
 def test_predict_images_on_png_gives_same_classes(model_server: ModelServer) -> None:
     images = random_pixels(3, seed=1)
-    with ModelClient(model_server.target, retry_budget_s=5) as client:
+    with ModelClient(model_server.target) as client:
         from_pixels = client.predict(images)
         from_png = client.predict_encoded([png(image) for image in images])
     assert from_png.classes == from_pixels.classes
@@ -98,7 +98,7 @@ def test_predict_images_on_png_gives_same_classes(model_server: ModelServer) -> 
 
 
 def test_status_and_health(model_server: ModelServer) -> None:
-    with ModelClient(model_server.target, retry_budget_s=5) as client:
+    with ModelClient(model_server.target) as client:
         assert client.model_versions() == {1: "AVAILABLE"}
         assert client.newest_available_version() == 1
         assert client.wait_until_available(1, timeout_s=5) == 1
@@ -131,13 +131,13 @@ def test_model_metadata_like_tf_serving(model_server: ModelServer) -> None:
 
 
 def test_unknown_model_and_version_are_not_found(model_server: ModelServer) -> None:
-    with ModelClient(model_server.target, "nope", retry_budget_s=5) as client:
+    with ModelClient(model_server.target, "nope") as client:
         with pytest.raises(ModelNotFound, match="'nope'"):
             client.predict(random_pixels(1))
         with pytest.raises(ModelNotFound):
             client.model_versions()
     with (
-        ModelClient(model_server.target, retry_budget_s=5) as client,
+        ModelClient(model_server.target) as client,
         pytest.raises(ModelNotFound, match="version 7"),
     ):
         client.predict(random_pixels(1), version=7)
@@ -162,7 +162,7 @@ def test_invalid_requests_are_invalid_argument(
 
 def test_undecodable_image_is_inference_error(model_server: ModelServer) -> None:
     with (
-        ModelClient(model_server.target, retry_budget_s=5) as client,
+        ModelClient(model_server.target) as client,
         pytest.raises(InferenceError, match="INVALID_ARGUMENT"),
     ):
         client.predict_encoded([b"not an image"])
@@ -171,12 +171,12 @@ def test_undecodable_image_is_inference_error(model_server: ModelServer) -> None
 def test_message_over_64_mib_is_accepted(model_server: ModelServer) -> None:
     images = np.zeros((252, 299, 299, 3), np.uint8)
     assert images.nbytes >= 64 * 2**20
-    with ModelClient(model_server.target, retry_budget_s=5) as client:
+    with ModelClient(model_server.target) as client:
         assert client.predict(images).scores.shape == (252, 5)
 
 
 def test_message_over_client_limit_is_not_retried(model_server: ModelServer) -> None:
-    client = ModelClient(model_server.target, retry_budget_s=60, max_message_bytes=2**20)
+    client = ModelClient(model_server.target, max_message_bytes=2**20)
     started = time.monotonic()
     with client, pytest.raises(InferenceError, match="RESOURCE_EXHAUSTED"):
         client.predict(random_pixels(8))
@@ -192,7 +192,7 @@ def test_full_queue_is_unavailable(
         assert raw_predict(
             server.target, request_with("images", tensor_from_array(random_pixels(1)))
         ) == (grpc.StatusCode.UNAVAILABLE)
-        with ModelClient(server.target, retry_budget_s=0.5) as client:
+        with ModelClient(server.target) as client:
             with pytest.raises(ModelUnavailable, match="queue is full"):
                 client.predict(random_pixels(1))
             assert client.model_versions() == {1: "AVAILABLE"}  # only Predict is queued
@@ -217,7 +217,7 @@ def test_new_versions_load_without_restart_and_sigterm_stops(
 
     try:
         assert health_status(server.target) == NOT_SERVING  # no version yet
-        with ModelClient(server.target, retry_budget_s=5) as client:
+        with ModelClient(server.target) as client:
             with pytest.raises(ModelNotFound):
                 client.model_versions()
             publish(1)
@@ -329,7 +329,7 @@ def test_tf_serving_flags_load_before_listening_and_apply_batching_limits(
         proc.wait_ready(
             lambda: health_status(target) == SERVING, timeout=120, what="SERVING after the load"
         )
-        with ModelClient(target, retry_budget_s=5) as client:
+        with ModelClient(target) as client:
             assert client.predict(random_pixels(4)).version == 1
             with pytest.raises(InferenceError, match="Task size 5 is larger than maximum input"):
                 client.predict(random_pixels(5))
@@ -384,7 +384,7 @@ def test_tf_serving_single_model_flags_serve_one_version_without_health(
         )
         # No --enable_grpc_healthcheck_service: no health service at all.
         assert health_code(target) == grpc.StatusCode.UNIMPLEMENTED
-        with ModelClient(target, retry_budget_s=5) as client:
+        with ModelClient(target) as client:
             # BuildSingleModelConfig's default policy serves the latest version only.
             assert client.model_versions() == {2: "AVAILABLE"}
             staging = base / ".staging-3"

@@ -22,6 +22,7 @@ from labelmill.model_client import (
     tensor_from_array,
     tensor_from_bytes,
 )
+from labelmill.retry import Deadline, retry
 
 
 def ok_response(n: int) -> tfs_pb2.PredictResponse:
@@ -91,10 +92,15 @@ def client(fake: FakeServer, **kwargs: float) -> ModelClient:
     return ModelClient(fake.target, timeout_s=5.0, **kwargs)
 
 
-def test_unavailable_is_retried_until_ok(fake: FakeServer) -> None:
+def test_transient_codes_are_model_unavailable_and_the_retry_layer_retries_them(
+    fake: FakeServer,
+) -> None:
     fake.script = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED]
-    with client(fake, retry_budget_s=30.0) as c:
-        prediction = c.predict(pixels(2))
+    with client(fake) as c:
+        with pytest.raises(ModelUnavailable, match="UNAVAILABLE"):
+            c.predict(pixels(2))  # one attempt: the client never retries on its own
+        assert len(fake.requests) == 1
+        prediction = retry(lambda: c.predict(pixels(2)), deadline=Deadline(30), what="predict")
     assert len(fake.requests) == 3
     assert prediction.version == 3
     assert prediction.classes == [[f"c{i}" for i in range(5)]] * 2
@@ -131,18 +137,18 @@ def test_permanent_codes_are_not_retried(
     fake: FakeServer, code: grpc.StatusCode, error: type[Exception]
 ) -> None:
     fake.script = [code]
-    with client(fake, retry_budget_s=30.0) as c, pytest.raises(error) as caught:
+    with client(fake) as c, pytest.raises(error) as caught:
         c.predict(pixels(1), version=4)
     assert len(fake.requests) == 1
     message = str(caught.value)
     assert fake.target in message and "'inception'" in message and "version 4" in message
 
 
-def test_budget_spent_raises_model_unavailable(fake: FakeServer) -> None:
+def test_a_deadline_reached_raises_model_unavailable(fake: FakeServer) -> None:
     fake.script = [grpc.StatusCode.UNAVAILABLE] * 1000
     started = time.monotonic()
-    with client(fake, retry_budget_s=0.5) as c, pytest.raises(ModelUnavailable) as caught:
-        c.predict(pixels(1))
+    with client(fake) as c, pytest.raises(ModelUnavailable) as caught:
+        retry(lambda: c.predict(pixels(1)), deadline=Deadline(0.5), what="predict")
     assert time.monotonic() - started < 5
     assert len(fake.requests) >= 2
     assert "UNAVAILABLE" in str(caught.value) and fake.target in str(caught.value)
@@ -151,7 +157,7 @@ def test_budget_spent_raises_model_unavailable(fake: FakeServer) -> None:
 def test_unreachable_server_is_model_unavailable() -> None:
     from tests.fixtures.procs import free_port
 
-    with ModelClient(f"127.0.0.1:{free_port()}", timeout_s=1.0, retry_budget_s=0.3) as c:
+    with ModelClient(f"127.0.0.1:{free_port()}", timeout_s=1.0) as c:
         with pytest.raises(ModelUnavailable):
             c.model_versions()
         with pytest.raises(ModelUnavailable):
