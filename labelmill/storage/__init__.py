@@ -1,11 +1,19 @@
 """Object storage behind URIs: ``s3://bucket/key`` and ``file:///path``.
 
-``Storage`` is the real thing (boto3 and the local filesystem);
-``MemoryStorage`` is for unit tests. Both satisfy ``ObjectStore``.
+``Storage`` applies the policy, then hands each location to its scheme's
+backend: boto3 for S3, the local filesystem for files (unit tests add an
+in-memory one). It satisfies ``ObjectStore``, what the tiers need.
 """
 
-from labelmill.storage.memory import MemoryStorage
-from labelmill.storage.router import ObjectStore, Storage
-from labelmill.storage.uris import ObjectInfo, join_uri, normalise_uri
+from labelmill.storage.router import Backend, ObjectStore, Storage
+from labelmill.storage.uris import Location, ObjectInfo, join_uri, normalise_uri
 
-__all__ = ["MemoryStorage", "ObjectInfo", "ObjectStore", "Storage", "join_uri", "normalise_uri"]
+__all__ = [
+    "Backend",
+    "Location",
+    "ObjectInfo",
+    "ObjectStore",
+    "Storage",
+    "join_uri",
+    "normalise_uri",
+]

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 from labelmill.errors import ImageError, StorageUnavailable, UsageError
-from labelmill.storage.uris import ObjectInfo
+from labelmill.storage.uris import Location, ObjectInfo
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +66,20 @@ def _inside_root(path: str, real_root: str) -> bool:
 class LocalFiles:
     """Reads and writes files under absolute paths taken from ``file://`` URIs."""
 
-    def list(self, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
+    def list(self, prefix: Location, after: Location | None) -> Iterator[ObjectInfo]:
         """Regular files whose path starts with ``prefix``, in sorted path order."""
-        infos = (self._file_info(path) for path, _ in self._files(prefix, start_after))
+        files = self._files(prefix.key, after.key if after else None)
+        infos = (self._file_info(path) for path, _ in files)
         return (info for info in infos if info is not None)
 
-    def list_paths(self, prefix: str, start_after: str | None) -> Iterator[str]:
-        """The paths :meth:`list` lists, without a ``stat`` per regular file.
+    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]:
+        """The URIs :meth:`list` lists, without a ``stat`` per regular file.
 
         The directory entry's type says "regular file" for free on Linux;
         only symlinks are followed (and checked) with a ``stat``.
         """
-        files = self._files(prefix, start_after)
-        return (path for path, is_link in files if not is_link or self._file_info(path))
+        files = self._files(prefix.key, after.key if after else None)
+        return (_uri(path) for path, is_link in files if not is_link or self._file_info(path))
 
     def _files(self, prefix: str, start_after: str | None) -> Iterator[tuple[str, bool]]:
         """``(path, is_link)``: regular files and symlinks resolving inside the directory."""
@@ -127,10 +128,10 @@ class LocalFiles:
         return ObjectInfo(uri=_uri(path), size=st.st_size, etag=local_etag(st))
 
     def get(
-        self, path: str, max_bytes: int, admit: Callable[[int], None] | None = None
+        self, loc: Location, max_bytes: int, admit: Callable[[int], None] | None = None
     ) -> tuple[bytes, str | None]:
         """The file's bytes and etag; :class:`ImageError` for per-file failures."""
-        uri = _uri(path)
+        uri, path = loc.uri, loc.key
         try:
             # O_NONBLOCK: opening a FIFO must not hang the worker.
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -157,7 +158,8 @@ class LocalFiles:
             raise ImageError("too_large", f"{uri} has more than {max_bytes} bytes (the cap)")
         return data, local_etag(st)
 
-    def read(self, path: str) -> bytes | None:
+    def read(self, loc: Location) -> bytes | None:
+        path = loc.key
         try:
             with open(path, "rb") as f:
                 return f.read()
@@ -166,23 +168,24 @@ class LocalFiles:
                 return None
             raise _service_error(exc, _uri(path)) from None
 
-    def put(self, path: str, data: bytes, root: str | None) -> None:
-        """Write atomically (temp file + rename) without leaving ``root``."""
-        uri = _uri(path)
+    def put(self, loc: Location, data: bytes, content_type: str, root: Location | None) -> None:
+        """Write atomically (temp file + rename) without leaving ``root`` (symlinks included)."""
+        uri, path = loc.uri, loc.key
+        root_path = root.key if root is not None else None
         if path.endswith("/"):
             raise UsageError(f"cannot write {uri}: it names a directory")
         parent = os.path.dirname(path)
-        if root is not None and not _inside(path, root.rstrip("/") or "/"):
-            raise UsageError(f"refusing to write {uri}: outside {_uri(root)}")
+        if root_path is not None and not _inside(path, root_path.rstrip("/") or "/"):
+            raise UsageError(f"refusing to write {uri}: outside {_uri(root_path)}")
         try:
-            if root is not None:
+            if root_path is not None:
                 existing = parent
                 while not os.path.lexists(existing):
                     existing = os.path.dirname(existing)
-                self._check_contained(existing, root, uri)  # before creating anything
+                self._check_contained(existing, root_path, uri)  # before creating anything
             os.makedirs(parent, exist_ok=True)
-            if root is not None:
-                self._check_contained(parent, root, uri)
+            if root_path is not None:
+                self._check_contained(parent, root_path, uri)
             fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".part")
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -209,18 +212,19 @@ class LocalFiles:
                 f"refusing to write {uri}: a symlink leads out of {_uri(root)} (to {real_dir})"
             )
 
-    def exists(self, path: str) -> bool:
-        return os.path.isfile(path)
+    def exists(self, loc: Location) -> bool:
+        return os.path.isfile(loc.key)
 
-    def delete(self, path: str) -> None:
+    def delete(self, loc: Location) -> None:
+        path = loc.key
         try:
             os.unlink(path)
         except OSError as exc:
             if exc.errno not in _NOT_FOUND:
                 raise _service_error(exc, _uri(path)) from None
 
-    def check_access(self, path: str, write: bool) -> None:
-        uri = _uri(path)
+    def check_access(self, loc: Location, write: bool) -> None:
+        uri, path = loc.uri, loc.key
         directory = path if path.endswith("/") or os.path.isdir(path) else os.path.dirname(path)
         if not write:
             if not os.path.exists(path):

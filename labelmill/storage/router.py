@@ -1,8 +1,14 @@
-"""``Storage``: one object that routes URIs to S3 or the local filesystem under policy."""
+"""``Storage``: policy once, in front, then one backend per scheme (S3, local files).
+
+``Storage`` normalises and parses each URI into a :class:`Location`, applies
+the policy (``labelmill.storage.policy``), and hands the location to the
+backend of its scheme. A backend (:class:`Backend`) only stores: S3 through
+boto3 (``s3.py``), files (``local.py``); the tests add an in-memory one.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -10,10 +16,32 @@ from labelmill.errors import ImageError, UsageError
 from labelmill.settings import Settings
 from labelmill.storage import policy
 from labelmill.storage.local import LocalFiles
-from labelmill.storage.uris import ObjectInfo, file_path, normalise_uri, split_s3
+from labelmill.storage.uris import Location, ObjectInfo, Scheme
 
 if TYPE_CHECKING:
     from labelmill.storage.s3 import S3Objects
+
+
+class Backend(Protocol):
+    """One kind of storage, addressed by parsed locations; policy is not its business."""
+
+    def list(self, prefix: Location, after: Location | None) -> Iterator[ObjectInfo]: ...
+
+    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]: ...
+
+    def get(
+        self, loc: Location, max_bytes: int, admit: Callable[[int], None] | None = None
+    ) -> tuple[bytes, str | None]: ...
+
+    def read(self, loc: Location) -> bytes | None: ...
+
+    def put(self, loc: Location, data: bytes, content_type: str, root: Location | None) -> None: ...
+
+    def exists(self, loc: Location) -> bool: ...
+
+    def delete(self, loc: Location) -> None: ...
+
+    def check_access(self, loc: Location, write: bool) -> None: ...
 
 
 class ObjectStore(Protocol):
@@ -46,15 +74,23 @@ class ObjectStore(Protocol):
 
 
 class Storage:
-    """Routes URIs to S3 (boto3) or the local filesystem, enforcing policy.
+    """Routes URIs to their scheme's backend, enforcing policy in front of all of them.
 
-    Thread-safe: one boto3 client, created on first S3 use, serves every thread.
+    Thread-safe: one boto3 client, created on first S3 use, serves every
+    thread. ``backends`` replaces a scheme's backend (the tests' in-memory one).
     """
 
-    def __init__(self, settings: Settings, *, s3_client: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        s3_client: Any | None = None,
+        backends: Mapping[Scheme, Backend] | None = None,
+    ) -> None:
         self.settings = settings
         self._s3_client = s3_client
         self._local = LocalFiles()
+        self._backends = dict(backends or {})
 
     @cached_property
     def _s3(self) -> S3Objects:
@@ -69,12 +105,19 @@ class Storage:
         """The boto3 S3 client (created on first use)."""
         return self._s3.client
 
-    def _allowed(self, uri: str, *, input_read: bool) -> str:
-        normal = normalise_uri(uri)
-        reason = policy.refusal(self.settings, normal, input_read=input_read)
+    def _backend(self, loc: Location) -> Backend:
+        chosen = self._backends.get(loc.scheme)
+        if chosen is not None:
+            return chosen
+        return self._s3 if loc.scheme == "s3" else self._local
+
+    def _at(self, uri: str, *, input_read: bool) -> Location:
+        """``uri`` parsed, or UsageError when it is malformed or policy refuses it."""
+        loc = Location.parse(uri)
+        reason = policy.refusal(self.settings, loc.uri, input_read=input_read)
         if reason is not None:
             raise UsageError(reason)
-        return normal
+        return loc
 
     def list(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]:
         """Every object under ``prefix_uri`` in key order, after ``start_after`` (a full URI).
@@ -82,10 +125,8 @@ class Storage:
         Streams: pages of 1000 keys from S3, one directory at a time locally.
         Errors about the location itself are raised here, before iteration.
         """
-        where, after = self._listed(prefix_uri, start_after)
-        if isinstance(where, tuple):
-            return self._s3.list(*where, after)
-        return self._local.list(where, after)
+        prefix, after = self._listed(prefix_uri, start_after)
+        return self._backend(prefix).list(prefix, after)
 
     def list_uris(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[str]:
         """The URIs :meth:`list` lists, in the same order, without size or etag.
@@ -93,28 +134,15 @@ class Storage:
         For callers that need names only (the producer): locally that saves
         a ``stat`` per file, on S3 an :class:`ObjectInfo` per key.
         """
-        where, after = self._listed(prefix_uri, start_after)
-        if isinstance(where, tuple):
-            return self._s3.list_uris(*where, after)
-        return map("file://".__add__, self._local.list_paths(where, after))
+        prefix, after = self._listed(prefix_uri, start_after)
+        return self._backend(prefix).list_uris(prefix, after)
 
-    def _listed(
-        self, prefix_uri: str, start_after: str | None
-    ) -> tuple[tuple[str, str] | str, str | None]:
-        """``((bucket, key), after_key)`` for S3, ``(path, after_path)`` locally."""
-        prefix = self._allowed(prefix_uri, input_read=True)
-        after = normalise_uri(start_after) if start_after else None
-        if prefix.startswith("s3://"):
-            bucket, key = split_s3(prefix)
-            after_key = None
-            if after is not None:
-                after_bucket, after_key = split_s3(after) if after.startswith("s3://") else ("", "")
-                if after_bucket != bucket:
-                    raise UsageError(f"start_after {start_after!r} is not in {prefix_uri!r}")
-            return (bucket, key), after_key
-        if after is not None and not after.startswith("file://"):
+    def _listed(self, prefix_uri: str, start_after: str | None) -> tuple[Location, Location | None]:
+        prefix = self._at(prefix_uri, input_read=True)
+        after = Location.parse(start_after) if start_after else None
+        if after is not None and (after.scheme, after.bucket) != (prefix.scheme, prefix.bucket):
             raise UsageError(f"start_after {start_after!r} is not in {prefix_uri!r}")
-        return file_path(prefix), file_path(after) if after else None
+        return prefix, after
 
     def get(
         self, uri: str, *, max_bytes: int, admit: Callable[[int], None] | None = None
@@ -127,23 +155,15 @@ class Storage:
         is read (a memory budget may make it wait).
         """
         try:
-            normal = normalise_uri(uri)
-        except UsageError as exc:
+            loc = self._at(uri, input_read=True)
+        except UsageError as exc:  # one image's problem, not the job's
             raise ImageError("forbidden", str(exc)) from None
-        reason = policy.refusal(self.settings, normal, input_read=True)
-        if reason is not None:
-            raise ImageError("forbidden", reason)
-        if normal.startswith("s3://"):
-            bucket, key = split_s3(normal)
-            return self._s3.get(bucket, key, max_bytes, admit)
-        return self._local.get(file_path(normal), max_bytes, admit)
+        return self._backend(loc).get(loc, max_bytes, admit)
 
     def read(self, uri: str) -> bytes | None:
         """One of labelmill's own files (job spec, part file), or None when missing."""
-        normal = self._allowed(uri, input_read=False)
-        if normal.startswith("s3://"):
-            return self._s3.read(*split_s3(normal))
-        return self._local.read(file_path(normal))
+        loc = self._at(uri, input_read=False)
+        return self._backend(loc).read(loc)
 
     def put(
         self,
@@ -155,42 +175,26 @@ class Storage:
     ) -> None:
         """Write ``data`` whole (local: atomically). ``root``: a location it must stay in.
 
-        Locally, with ``root`` given, the file's directory must resolve
+        Locally, with ``root`` given, the file's directory must also resolve
         (symlinks included) inside ``root``'s resolved path.
         """
-        normal = self._allowed(uri, input_read=False)
-        if normal.startswith("s3://"):
-            bucket, key = split_s3(normal)
-            self._s3.put(bucket, key, data, content_type)
-            return
-        root_path = None
-        if root is not None:
-            normal_root = normalise_uri(root)
-            if not normal_root.startswith("file://"):
-                raise UsageError(f"root {root!r} is not a local location like {uri!r}")
-            root_path = file_path(normal_root)
-        self._local.put(file_path(normal), data, root_path)
+        loc = self._at(uri, input_read=False)
+        root_loc = Location.parse(root) if root is not None else None
+        if root_loc is not None and not root_loc.contains(loc):
+            raise UsageError(f"refusing to write {loc.uri}: outside {root_loc.uri}")
+        self._backend(loc).put(loc, data, content_type, root_loc)
 
     def exists(self, uri: str) -> bool:
         """Whether an object (a regular file, locally) exists at ``uri``."""
-        normal = self._allowed(uri, input_read=False)
-        if normal.startswith("s3://"):
-            return self._s3.exists(*split_s3(normal))
-        return self._local.exists(file_path(normal))
+        loc = self._at(uri, input_read=False)
+        return self._backend(loc).exists(loc)
 
     def delete(self, uri: str) -> None:
         """Remove the object at ``uri``; a missing one is not an error."""
-        normal = self._allowed(uri, input_read=False)
-        if normal.startswith("s3://"):
-            self._s3.delete(*split_s3(normal))
-            return
-        self._local.delete(file_path(normal))
+        loc = self._at(uri, input_read=False)
+        self._backend(loc).delete(loc)
 
     def check_access(self, uri: str, *, write: bool) -> None:
         """Cheap preflight: raise UsageError, CredentialsError or StorageUnavailable."""
-        normal = self._allowed(uri, input_read=not write)
-        if normal.startswith("s3://"):
-            bucket, key = split_s3(normal)
-            self._s3.check_access(bucket, key, write)
-            return
-        self._local.check_access(file_path(normal), write)
+        loc = self._at(uri, input_read=not write)
+        self._backend(loc).check_access(loc, write)

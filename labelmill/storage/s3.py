@@ -32,7 +32,7 @@ from labelmill.errors import (
     UsageError,
 )
 from labelmill.settings import Settings
-from labelmill.storage.uris import ObjectInfo
+from labelmill.storage.uris import Location, ObjectInfo
 
 _CREDENTIAL_CODES = frozenset(
     {
@@ -149,8 +149,9 @@ class S3Objects:
             return CredentialsError(f"{uri}: S3 denied access ({code})")
         return ServiceError(f"{uri}: S3 answered {code} (HTTP {status})")
 
-    def list(self, bucket: str, prefix: str, start_after: str | None) -> Iterator[ObjectInfo]:
-        for page in self._pages(bucket, prefix, start_after):
+    def list(self, prefix: Location, after: Location | None) -> Iterator[ObjectInfo]:
+        bucket = prefix.bucket
+        for page in self._pages(prefix, after):
             for item in page.get("Contents", ()):
                 etag = item.get("ETag")
                 yield ObjectInfo(
@@ -159,17 +160,17 @@ class S3Objects:
                     etag=etag.strip('"') if etag else None,
                 )
 
-    def list_uris(self, bucket: str, prefix: str, start_after: str | None) -> Iterator[str]:
+    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]:
         """The URIs :meth:`list` lists, without building an ObjectInfo per key."""
-        head = f"s3://{bucket}/"
-        for page in self._pages(bucket, prefix, start_after):
+        head = f"s3://{prefix.bucket}/"
+        for page in self._pages(prefix, after):
             yield from [head + item["Key"] for item in page.get("Contents", ())]
 
-    def _pages(self, bucket: str, prefix: str, start_after: str | None) -> Iterator[Any]:
-        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
-        if start_after:
-            kwargs["StartAfter"] = start_after
-        uri = f"s3://{bucket}/{prefix}"
+    def _pages(self, prefix: Location, after: Location | None) -> Iterator[Any]:
+        kwargs: dict[str, Any] = {"Bucket": prefix.bucket, "Prefix": prefix.key}
+        if after is not None and after.key:
+            kwargs["StartAfter"] = after.key
+        uri = prefix.uri
         pages = iter(self.client.get_paginator("list_objects_v2").paginate(**kwargs))
 
         def fetch() -> Any:
@@ -191,9 +192,9 @@ class S3Objects:
                 yield page
 
     def get(
-        self, bucket: str, key: str, max_bytes: int, admit: Callable[[int], None] | None = None
+        self, loc: Location, max_bytes: int, admit: Callable[[int], None] | None = None
     ) -> tuple[bytes, str | None]:
-        uri = f"s3://{bucket}/{key}"
+        uri, bucket, key = loc.uri, loc.bucket, loc.key
         try:
             response = self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
         except ClientError as exc:
@@ -219,8 +220,8 @@ class S3Objects:
         etag = response.get("ETag")
         return data, etag.strip('"') if etag else None
 
-    def read(self, bucket: str, key: str) -> bytes | None:
-        uri = f"s3://{bucket}/{key}"
+    def read(self, loc: Location) -> bytes | None:
+        uri, bucket, key = loc.uri, loc.bucket, loc.key
         try:
             response = self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
             return bytes(self._call(uri, lambda: response["Body"].read()))
@@ -230,8 +231,8 @@ class S3Objects:
                 return None
             raise self._mapped(exc, uri) from None
 
-    def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
-        uri = f"s3://{bucket}/{key}"
+    def put(self, loc: Location, data: bytes, content_type: str, root: Location | None) -> None:
+        uri, bucket, key = loc.uri, loc.bucket, loc.key
         try:
             self._call(
                 uri,
@@ -242,8 +243,8 @@ class S3Objects:
         except ClientError as exc:
             raise self._mapped(exc, uri) from None
 
-    def exists(self, bucket: str, key: str) -> bool:
-        uri = f"s3://{bucket}/{key}"
+    def exists(self, loc: Location) -> bool:
+        uri, bucket, key = loc.uri, loc.bucket, loc.key
         try:
             self._call(uri, lambda: self.client.head_object(Bucket=bucket, Key=key))
         except ClientError as exc:
@@ -253,8 +254,8 @@ class S3Objects:
             raise self._mapped(exc, uri) from None
         return True
 
-    def delete(self, bucket: str, key: str) -> None:
-        uri = f"s3://{bucket}/{key}"
+    def delete(self, loc: Location) -> None:
+        uri, bucket, key = loc.uri, loc.bucket, loc.key
         try:
             self._call(uri, lambda: self.client.delete_object(Bucket=bucket, Key=key))
         except ClientError as exc:
@@ -262,8 +263,8 @@ class S3Objects:
             if code not in _MISSING_CODES:
                 raise self._mapped(exc, uri) from None
 
-    def check_access(self, bucket: str, key: str, write: bool) -> None:
-        uri = f"s3://{bucket}/{key}"
+    def check_access(self, loc: Location, write: bool) -> None:
+        uri, bucket, key = loc.uri, loc.bucket, loc.key
         try:
             if write:
                 self._call(uri, lambda: self.client.head_bucket(Bucket=bucket))

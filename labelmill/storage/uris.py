@@ -122,6 +122,32 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join(pieces)
 
 
+@dataclass(frozen=True)
+class Location:
+    """A URI, normalised and parsed once: what a storage backend is handed.
+
+    ``key`` is the S3 key, or for ``file`` the absolute path (``bucket`` empty).
+    """
+
+    uri: str
+    scheme: Scheme
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, text: str) -> Location:
+        """Raise :class:`UsageError` unless ``text`` is a location (see :func:`normalise_uri`)."""
+        uri = normalise_uri(text)
+        if uri.startswith("s3://"):
+            bucket, key = split_s3(uri)
+            return cls(uri, "s3", bucket, key)
+        return cls(uri, "file", "", file_path(uri))
+
+    def contains(self, other: Location) -> bool:
+        """Whether ``other`` lies under this location (a folder, or a prefix ending in /)."""
+        return other.scheme == self.scheme and other.uri.startswith(self.uri.rstrip("/") + "/")
+
+
 def scheme_of(uri: str) -> Scheme:
     """The scheme of a normalised URI."""
     return "s3" if uri.startswith("s3://") else "file"

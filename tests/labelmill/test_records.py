@@ -16,8 +16,7 @@ from labelmill.job.record import (
     loads_lines,
     tally,
 )
-from labelmill.settings import Settings
-from labelmill.storage import MemoryStorage
+from tests.memory_storage import memory_storage
 
 MODEL = ModelInfo("inception", 3, "random:seed=1")
 
@@ -68,7 +67,7 @@ def test_part_name() -> None:
 
 
 def test_the_job_folder_writes_and_reads_back_its_files() -> None:
-    storage = MemoryStorage(Settings())
+    storage, _memory = memory_storage()
     spec = JobSpec("j", "s3://in/p/", "s3://out/labels", 2, "inception", 3, 1.0)
     folder = JobFolder.of(storage, spec)
     assert folder.uri == "s3://out/labels/j"

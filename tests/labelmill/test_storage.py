@@ -1,4 +1,4 @@
-"""Unit tests for labelmill.storage: URIs, the local filesystem and MemoryStorage."""
+"""Unit tests for labelmill.storage: URIs, policy, the local backend, the in-memory one."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 
 from labelmill.errors import ImageError, StorageUnavailable, UsageError
 from labelmill.settings import Settings
-from labelmill.storage import MemoryStorage, ObjectStore, Storage, join_uri, normalise_uri
+from labelmill.storage import ObjectStore, Storage, join_uri, normalise_uri
 from labelmill.storage import local as local_module
 from labelmill.storage.s3 import _read_capped
+from tests.memory_storage import memory_storage
 
 # ----------------------------------------------------------------------------- URIs
 
@@ -355,8 +356,8 @@ def test_local_read_of_a_directory_is_an_error(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- memory
 
 
-def test_memory_storage_behaves_like_storage() -> None:
-    store: ObjectStore = MemoryStorage(Settings(allowed_buckets=["photos", "labels"]))
+def test_the_memory_backend_behind_storage_behaves_like_s3() -> None:
+    store: ObjectStore = memory_storage(Settings(allowed_buckets=["photos", "labels"]))[0]
     keys = ["b.jpg", "a/ü.jpg", "a b.jpg", "a/", "c" * 300]
     for key in keys:
         store.put(f"s3://photos/{key}", key.encode())
@@ -379,9 +380,9 @@ def test_memory_storage_behaves_like_storage() -> None:
 
 
 def test_memory_storage_injected_failures() -> None:
-    store = MemoryStorage()
+    store, memory = memory_storage()
     store.put("s3://photos/x.jpg", b"x")
-    store.fail("s3://photos/x.jpg", StorageUnavailable("s3://photos/x.jpg: boom"), times=2)
+    memory.fail("s3://photos/x.jpg", StorageUnavailable("s3://photos/x.jpg: boom"), times=2)
     for _ in range(2):
         with pytest.raises(StorageUnavailable):
             store.get("s3://photos/x.jpg", max_bytes=10)
@@ -389,7 +390,7 @@ def test_memory_storage_injected_failures() -> None:
 
 
 def test_memory_storage_is_thread_safe() -> None:
-    store = MemoryStorage()
+    store, _memory = memory_storage()
 
     def writer(n: int) -> None:
         for i in range(200):
@@ -423,7 +424,7 @@ def test_list_uris_equals_the_listing_uris(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not in LABELMILL_ALLOWED_BUCKETS"):
         local_storage(allowed_buckets=["photos"]).list_uris("s3://other/")
 
-    memory = MemoryStorage(Settings(allowed_buckets=["photos"]))
+    memory, _objects = memory_storage(Settings(allowed_buckets=["photos"]))
     for name in ("x/1.jpg", "x/2.jpg", "y.jpg"):
         memory.put(f"s3://photos/{name}", b"1")
     assert list(memory.list_uris("s3://photos/x/", start_after="s3://photos/x/1.jpg")) == [

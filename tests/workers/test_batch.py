@@ -14,8 +14,9 @@ from labelmill.job import JobSpec, Ledger, Position
 from labelmill.job.record import loads_lines
 from labelmill.model_client import Prediction
 from labelmill.settings import Settings
-from labelmill.storage import MemoryStorage
+from labelmill.storage import Storage
 from tests import images
+from tests.memory_storage import MemoryObjects, memory_storage
 from workers.batch import Services, run_batch
 
 pytestmark = pytest.mark.integration  # the ledger is a real Redis
@@ -49,11 +50,16 @@ class FakeModel:
 
 
 @pytest.fixture
-def svc(redis_url: str) -> Iterator[Services]:
+def memory() -> MemoryObjects:
+    return MemoryObjects()
+
+
+@pytest.fixture
+def svc(redis_url: str, memory: MemoryObjects) -> Iterator[Services]:
     settings = Settings(redis_url=redis_url, retry_budget_s=2.0, max_deliveries=3)
     s = Services(
         settings=settings,
-        storage=MemoryStorage(settings),
+        storage=Storage(settings, backends={"s3": memory, "file": memory}),
         ledger=Ledger.from_url(redis_url),
         model=FakeModel(),  # type: ignore[arg-type]
     )
@@ -157,10 +163,10 @@ def test_unserved_version_is_dead_at_once(svc: Services) -> None:
     assert svc.model.calls == [(1, 3)]  # type: ignore[attr-defined]  # not retried
 
 
-def test_transient_storage_errors_are_retried(svc: Services) -> None:
+def test_transient_storage_errors_are_retried(svc: Services, memory: MemoryObjects) -> None:
     _job(svc)
     uri = _put(svc, "a.jpg", images.jpeg())
-    svc.storage.fail(uri, StorageUnavailable("503 SlowDown"), times=2)  # type: ignore[attr-defined]
+    memory.fail(uri, StorageUnavailable("503 SlowDown"), times=2)
     out = run_batch(svc, job_id="j", batch_no=0, uris=[uri])
     assert out.ok == 1
 
@@ -188,7 +194,7 @@ def test_local_files_refused_when_disabled(redis_url: str) -> None:
     settings = Settings(redis_url=redis_url, allow_local_files=False, retry_budget_s=1)
     svc = Services(
         settings=settings,
-        storage=MemoryStorage(settings),
+        storage=memory_storage(settings)[0],
         ledger=Ledger.from_url(redis_url),
         model=FakeModel(),  # type: ignore[arg-type]
     )
