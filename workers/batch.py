@@ -98,12 +98,18 @@ def run_batch(
     start = retry(
         lambda: svc.ledger.begin_batch(job_id, batch_no), deadline=deadline, what="ledger"
     )
+    if start.spec is None or start.state == JobState.CANCELLED:
+        # Recording this outcome is all that is left to do: the reserve may serve.
+        retry(
+            lambda: svc.ledger.drop_outstanding(job_id, batch_no),
+            deadline=deadline,
+            what="ledger",
+            record=True,
+        )
     if start.spec is None:
         log.warning("job %s batch %d: unknown job (expired?); dropped", job_id, batch_no)
-        svc.ledger.drop_outstanding(job_id, batch_no)
         return Outcome("skipped:unknown-job", attempt=start.attempt)
     if start.state == JobState.CANCELLED:
-        svc.ledger.drop_outstanding(job_id, batch_no)
         log.info("job %s batch %d: job cancelled; dropped", job_id, batch_no)
         return Outcome("skipped:cancelled", attempt=start.attempt)
     if start.already_done:
