@@ -45,7 +45,7 @@ class Backend(Protocol):
 
 
 class ObjectStore(Protocol):
-    """What the producer and workers need from object storage (real or in memory)."""
+    """What the producer and workers need from object storage (``Storage`` gives it)."""
 
     def list(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]: ...
 

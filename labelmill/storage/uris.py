@@ -148,11 +148,6 @@ class Location:
         return other.scheme == self.scheme and other.uri.startswith(self.uri.rstrip("/") + "/")
 
 
-def scheme_of(uri: str) -> Scheme:
-    """The scheme of a normalised URI."""
-    return "s3" if uri.startswith("s3://") else "file"
-
-
 def split_s3(uri: str) -> tuple[str, str]:
     """``(bucket, key)`` of a normalised ``s3://`` URI."""
     bucket, _, key = uri[len("s3://") :].partition("/")
