@@ -55,6 +55,11 @@ class Label:
     score: float
 
 
+def _line(uri: str, body: Mapping[str, Any], job_id: str, batch: int) -> dict[str, Any]:
+    """A record's JSON object, keys in their fixed order: schema, uri, body, job, batch."""
+    return {"schema": SCHEMA, "uri": uri, **body, "job_id": job_id, "batch": batch}
+
+
 @dataclass(frozen=True)
 class OkRecord:
     """An image that was classified."""
@@ -67,19 +72,12 @@ class OkRecord:
     batch: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "uri": self.uri,
-            "etag": self.etag,
-            "status": "ok",
-            "labels": [
-                {"label": lb.label, "class_id": lb.class_id, "score": round(lb.score, 6)}
-                for lb in self.labels
-            ],
-            "model": self.model.as_dict(),
-            "job_id": self.job_id,
-            "batch": self.batch,
-        }
+        labels = [
+            {"label": lb.label, "class_id": lb.class_id, "score": round(lb.score, 6)}
+            for lb in self.labels
+        ]
+        body = {"etag": self.etag, "status": "ok", "labels": labels, "model": self.model.as_dict()}
+        return _line(self.uri, body, self.job_id, self.batch)
 
 
 @dataclass(frozen=True)
@@ -93,14 +91,8 @@ class ErrorRecord:
     batch: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "uri": self.uri,
-            "status": "error",
-            "error": {"kind": self.kind, "message": self.message},
-            "job_id": self.job_id,
-            "batch": self.batch,
-        }
+        body = {"status": "error", "error": {"kind": self.kind, "message": self.message}}
+        return _line(self.uri, body, self.job_id, self.batch)
 
 
 Record = OkRecord | ErrorRecord
