@@ -99,6 +99,7 @@ def run_batch(
         lambda: svc.ledger.begin_batch(job_id, batch_no), deadline=deadline, what="ledger"
     )
     if start.spec is None or start.state == JobState.CANCELLED:
+        unknown = start.spec is None
         # Recording this outcome is all that is left to do: the reserve may serve.
         retry(
             lambda: svc.ledger.drop_outstanding(job_id, batch_no),
@@ -106,12 +107,15 @@ def run_batch(
             what="ledger",
             record=True,
         )
-    if start.spec is None:
-        log.warning("job %s batch %d: unknown job (expired?); dropped", job_id, batch_no)
-        return Outcome("skipped:unknown-job", attempt=start.attempt)
-    if start.state == JobState.CANCELLED:
-        log.info("job %s batch %d: job cancelled; dropped", job_id, batch_no)
-        return Outcome("skipped:cancelled", attempt=start.attempt)
+        log.log(
+            logging.WARNING if unknown else logging.INFO,
+            "job %s batch %d: %s; dropped",
+            job_id,
+            batch_no,
+            "unknown job (expired?)" if unknown else "job cancelled",
+        )
+        why = "unknown-job" if unknown else "cancelled"
+        return Outcome(f"skipped:{why}", attempt=start.attempt)
     if start.already_done:
         log.info("job %s batch %d: already done (redelivery); nothing to do", job_id, batch_no)
         return Outcome("skipped:already-done", attempt=start.attempt)
