@@ -7,8 +7,9 @@ workers register the task under the same name on an app built here.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import redis
@@ -118,7 +119,7 @@ def broker_client(app: Celery) -> redis.Redis:
     )
 
 
-def pending_batches(client: redis.Redis, job_id: str, *, chunk: int = 1000) -> set[int]:
+def pending_batches(client: redis.Redis, job_id: str) -> set[int]:
     """Batch numbers of ``job_id`` that have a message: queued, or delivered and unacked.
 
     Reads kombu's Redis layout (the queue list and the ``unacked`` hash), so
@@ -126,26 +127,30 @@ def pending_batches(client: redis.Redis, job_id: str, *, chunk: int = 1000) -> s
     was lost (a worker took it in the instant Redis died, before kombu
     recorded it as unacknowledged).
     """
-    found: set[int] = set()
+    unacked = (
+        _task_kwargs(message[0])
+        for value in cast(dict[str, str], client.hgetall("unacked")).values()
+        if isinstance(message := json.loads(value), list) and message
+    )
+    return {
+        kwargs["batch_no"]
+        for kwargs in itertools.chain(queued_tasks(client), unacked)
+        if kwargs and kwargs.get("job_id") == job_id and isinstance(kwargs.get("batch_no"), int)
+    }
 
-    def note(raw: str | bytes) -> None:
-        kwargs = _task_kwargs(json.loads(raw))
-        if kwargs and kwargs.get("job_id") == job_id and isinstance(kwargs.get("batch_no"), int):
-            found.add(kwargs["batch_no"])
 
+def queued_tasks(client: redis.Redis, *, chunk: int = 1000) -> Iterator[dict[str, Any]]:
+    """The keyword arguments of each classify message waiting in the queue."""
     start = 0
     while True:
         items = cast(list[str], client.lrange(QUEUE, start, start + chunk - 1))
         for item in items:
-            note(item)
+            kwargs = _task_kwargs(json.loads(item))
+            if kwargs is not None:
+                yield kwargs
         if len(items) < chunk:
-            break
+            return
         start += chunk
-    for value in cast(dict[str, str], client.hgetall("unacked")).values():
-        message = json.loads(value)
-        if isinstance(message, list) and message:
-            note(json.dumps(message[0]))
-    return found
 
 
 def _task_kwargs(message: dict[str, Any]) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from labelmill.errors import TransientError
@@ -72,11 +72,62 @@ def retry(
         try:
             return fn()
         except TransientError as exc:
-            delay = random.uniform(0, min(CAP_S, BASE_S * 2**attempt))
-            if delay > deadline.remaining(record=record):
-                raise
+            _pause(exc, attempt, deadline, record, what, sleep, on_retry)
             attempt += 1
-            if on_retry is not None:
-                on_retry(exc)
-            log.warning("%s: %s; retry %d in %.1fs", what, exc, attempt, delay)
-            sleep(delay)
+
+
+def patiently(call: Callable[[], T], budget_s: float, what: str) -> T:
+    """One call outside a batch (the producer's), its outages waited out for ``budget_s``."""
+    return retry(call, deadline=Deadline(budget_s), what=what)
+
+
+def resumable(
+    open_after: Callable[[str | None], Iterable[T]],
+    *,
+    key: Callable[[T], str],
+    after: str | None = None,
+    budget_s: float,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[T]:
+    """The items of a long listing that outlives outages.
+
+    ``open_after(k)`` lists in key order from after key ``k`` (``None``: from
+    the start). After a :class:`TransientError` the listing is opened again
+    after the last item yielded, so nothing is skipped or repeated. Each
+    stretch without progress may spend ``budget_s`` retrying: a listing that
+    runs for hours is not held to one deadline.
+    """
+    attempt = 0
+    deadline = Deadline(budget_s, clock=clock)
+    while True:
+        try:
+            for item in open_after(after):
+                yield item
+                after = key(item)
+                if attempt:
+                    attempt, deadline = 0, Deadline(budget_s, clock=clock)
+            return
+        except TransientError as exc:
+            _pause(exc, attempt, deadline, False, what, sleep, None)
+            attempt += 1
+
+
+def _pause(
+    exc: TransientError,
+    attempt: int,
+    deadline: Deadline,
+    record: bool,
+    what: str,
+    sleep: Callable[[float], None],
+    on_retry: Callable[[TransientError], None] | None,
+) -> None:
+    """Wait before try ``attempt + 1``, or re-raise ``exc`` when that would pass the deadline."""
+    delay = random.uniform(0, min(CAP_S, BASE_S * 2**attempt))
+    if delay > deadline.remaining(record=record):
+        raise exc
+    if on_retry is not None:
+        on_retry(exc)
+    log.warning("%s: %s; retry %d in %.1fs", what, exc, attempt + 1, delay)
+    sleep(delay)

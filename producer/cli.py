@@ -185,7 +185,7 @@ def enqueue(
     if job_id is not None:
         _check_job_id(job_id)
     if dry_run:
-        result = enq.dry_run(e.storage, source, s.batch_size)
+        result = enq.dry_run(e.storage, source, s.batch_size, retry_budget_s=s.retry_budget_s)
     else:
         show = not as_json and out.is_terminal
         with _enqueue_progress(show) as progress:
@@ -201,8 +201,8 @@ def enqueue(
                 resolve_version=e.version_now,
                 job_id=job_id,
                 progress=progress,
-                # Workers wait this long for a version; so does a full window.
-                model_wait_s=s.retry_budget_s,
+                # Workers wait this long for a version or an outage; so does the producer.
+                retry_budget_s=s.retry_budget_s,
             )
     if as_json:
         print(json.dumps(result.as_dict()))
@@ -320,7 +320,7 @@ def retry(
 ) -> None:
     """Re-run a job's dead batches and batches that have no part file."""
     e = env(ctx)
-    res = ops.retry(e.storage, e.ledger, e.celery, job_id)
+    res = ops.retry(e.storage, e.ledger, e.celery, job_id, retry_budget_s=e.settings.retry_budget_s)
     _print_resent(res, as_json)
 
 
@@ -335,7 +335,14 @@ def reconcile(
 ) -> None:
     """Rebuild a job's ledger from storage and enqueue whatever is missing."""
     e = env(ctx)
-    res = ops.reconcile(e.storage, e.ledger, e.celery, job_id, output=output)
+    res = ops.reconcile(
+        e.storage,
+        e.ledger,
+        e.celery,
+        job_id,
+        output=output,
+        retry_budget_s=e.settings.retry_budget_s,
+    )
     _print_resent(res, as_json)
 
 

@@ -19,8 +19,9 @@ from labelmill.job import JobCounts, JobSpec, JobState, Ledger
 from labelmill.job.folder import JobFolder
 from labelmill.job.status import new_job_id, write_manifest
 from labelmill.queue import send_batch
+from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import Batch, batch_uris, last_batch
+from producer.listing import Batch, batch_uris, last_batch, listed_uris
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,13 @@ class EnqueueResult:
 Progress = Callable[[Batch], None]
 
 
-def dry_run(storage: ObjectStore, source: str, batch_size: int) -> EnqueueResult:
+def dry_run(
+    storage: ObjectStore, source: str, batch_size: int, *, retry_budget_s: float
+) -> EnqueueResult:
     """List and count without writing anything anywhere."""
     source = normalise_uri(source)
     storage.check_access(source, write=False)
-    tail = last_batch(storage.list_uris(source), batch_size)
+    tail = last_batch(listed_uris(storage, source, retry_budget_s=retry_budget_s), batch_size)
     return EnqueueResult(
         job_id="",
         state="dry-run",
@@ -84,31 +87,27 @@ def wait_for_room(
     job_id: str,
     max_outstanding: int,
     *,
-    model_wait_s: float | None = None,
+    retry_budget_s: float,
     poll_s: float = 0.2,
 ) -> None:
     """Block until fewer than ``max_outstanding`` of the job's batches are in flight.
 
-    With ``model_wait_s``: raise :class:`ModelUnavailable` when the window
-    stays full that long while the job still has no model version (no model
+    Raise :class:`ModelUnavailable` when the window stays full for
+    ``retry_budget_s`` while the job still has no model version (no model
     server ever served one), rather than wait for ever.
     """
     delay = poll_s
     started = time.monotonic()
     while True:
-        state, in_flight = ledger.window(job_id)
+        state, in_flight = patiently(lambda: ledger.window(job_id), retry_budget_s, "ledger")
         if state == JobState.CANCELLED:
             raise Cancelled(job_id)
         if in_flight < max_outstanding:
             return
         waited = time.monotonic() - started
-        if (
-            model_wait_s is not None
-            and waited > model_wait_s
-            and ledger.counts(job_id).spec.model_version is None
-        ):
+        if waited > retry_budget_s and ledger.counts(job_id).spec.model_version is None:
             raise ModelUnavailable(
-                f"no model version became AVAILABLE within {model_wait_s:g}s; job {job_id} "
+                f"no model version became AVAILABLE within {retry_budget_s:g}s; job {job_id} "
                 f"is left resumable ({in_flight} batches sent wait for one, then turn dead: "
                 f"`producer retry {job_id}`); the same `producer enqueue` with "
                 f"--job-id {job_id} sends the rest"
@@ -130,15 +129,19 @@ def enqueue(
     resolve_version: Callable[[], int | None],
     job_id: str | None = None,
     progress: Progress | None = None,
-    model_wait_s: float | None = None,
+    retry_budget_s: float,
 ) -> EnqueueResult:
     """Create (or resume) a job and send all of its batches.
 
     Resuming with the same job id continues after the last batch that was
-    sent; a job whose enqueuing completed sends nothing new.
+    sent; a job whose enqueuing completed sends nothing new. Storage outages
+    are waited out for ``retry_budget_s`` (so is a model tier with no
+    version, when the window is full).
     """
     source = normalise_uri(source)
     output = normalise_uri(output)
+    # The preflight fails fast (a wrong endpoint or bucket is not an outage
+    # to wait out); every call after it waits out outages.
     storage.check_access(source, write=False)
     storage.check_access(output, write=True)
     ledger.ping()
@@ -171,7 +174,12 @@ def enqueue(
             )
         )
         resumed = not created
-        JobFolder.of(storage, spec).write_spec(spec, {"max_outstanding": max_outstanding})
+        folder = JobFolder.of(storage, spec)
+        patiently(
+            lambda: folder.write_spec(spec, {"max_outstanding": max_outstanding}),
+            retry_budget_s,
+            folder.uri,
+        )
 
     counts = ledger.counts(job_id)
     if counts.enqueue_complete:
@@ -189,7 +197,7 @@ def enqueue(
 
     with producer_lease(ledger, job_id):
         return _send(
-            storage, ledger, app, spec, counts, max_outstanding, resumed, progress, model_wait_s
+            storage, ledger, app, spec, counts, max_outstanding, resumed, progress, retry_budget_s
         )
 
 
@@ -230,12 +238,14 @@ def _send(
     max_outstanding: int,
     resumed: bool,
     progress: Progress | None,
-    model_wait_s: float | None,
+    retry_budget_s: float,
 ) -> EnqueueResult:
     """List from the recorded position and send the job's remaining batches."""
     job_id = spec.job_id
     source, output = spec.input, spec.output
-    listing = storage.list_uris(source, start_after=counts.last_key or None)
+    listing = listed_uris(
+        storage, source, after=counts.last_key or None, retry_budget_s=retry_budget_s
+    )
     sent = 0
     tail: Batch | None = None
     group: list[Batch] = []
@@ -246,13 +256,19 @@ def _send(
         if not group:
             return
         # Room for the whole group at once: the window still holds.
-        wait_for_room(ledger, job_id, max_outstanding - len(group) + 1, model_wait_s=model_wait_s)
+        wait_for_room(
+            ledger, job_id, max_outstanding - len(group) + 1, retry_budget_s=retry_budget_s
+        )
         # Per group, the same order as per batch: every batch outstanding
         # before its message exists (a fast worker cannot remove it before
         # it is added), the position after all were sent, so a crash in
         # between re-sends at most this group (harmless: batches are
         # idempotent) rather than losing a batch.
-        ledger.mark_outstanding(job_id, *(b.batch_no for b in group))
+        patiently(
+            lambda: ledger.mark_outstanding(job_id, *(b.batch_no for b in group)),
+            retry_budget_s,
+            "ledger",
+        )
         # One Redis round trip for the group's messages (kombu's publish batch).
         with app.producer_or_acquire() as publisher, publisher.batch(max_size=len(group)):
             for b in group:
@@ -265,7 +281,8 @@ def _send(
                     producer=publisher,
                 )
         sent += len(group)
-        ledger.record_enqueued(job_id, group[-1].position())
+        position = group[-1].position()
+        patiently(lambda: ledger.record_enqueued(job_id, position), retry_budget_s, "ledger")
         if progress:
             for b in group:
                 progress(b)
@@ -287,9 +304,13 @@ def _send(
             send_group()
     send_group()
     assert tail is not None
-    claimed = ledger.finish_enqueue(job_id, tail.batch_no, tail.position())
+    claimed = patiently(
+        lambda: ledger.finish_enqueue(job_id, tail.batch_no, tail.position()),
+        retry_budget_s,
+        "ledger",
+    )
     if claimed:
-        write_manifest(storage, ledger, job_id)
+        patiently(lambda: write_manifest(storage, ledger, job_id), retry_budget_s, output)
     counts = ledger.counts(job_id)
     return EnqueueResult(
         job_id=job_id,

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from labelmill.job import Position
+from labelmill.retry import resumable
+from labelmill.storage import ObjectStore
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -26,6 +28,24 @@ def is_image_name(uri: str) -> bool:
     name = uri[uri.rfind("/") + 1 :]  # empty for a folder marker
     stem, dot, ext = name.rpartition(".")
     return bool(dot) and bool(stem.lstrip(".")) and dot + ext.lower() in IMAGE_EXTENSIONS
+
+
+def listed_uris(
+    storage: ObjectStore, source: str, *, after: str | None = None, retry_budget_s: float
+) -> Iterator[str]:
+    """Every URI under ``source`` after ``after``, in key order, through outages.
+
+    A listing of a billion keys runs for hours: when the store fails, it is
+    waited out (``retry_budget_s`` per stretch without progress) and the
+    listing resumed after the last URI seen.
+    """
+    return resumable(
+        lambda last: storage.list_uris(source, start_after=last),
+        key=str,
+        after=after,
+        budget_s=retry_budget_s,
+        what=f"list {source}",
+    )
 
 
 @dataclass

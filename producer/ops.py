@@ -15,8 +15,9 @@ from labelmill.job.folder import JobFolder
 from labelmill.job.record import Tally, tally
 from labelmill.job.status import write_manifest
 from labelmill.queue import broker_client, pending_batches, send_batch
+from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import Batch, batch_uris
+from producer.listing import Batch, batch_uris, listed_uris
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,18 @@ class Resent:
 
 
 def _resend(
-    storage: ObjectStore, ledger: Ledger, app: Celery, spec: JobSpec, wanted: Callable[[int], bool]
+    storage: ObjectStore,
+    ledger: Ledger,
+    app: Celery,
+    spec: JobSpec,
+    wanted: Callable[[int], bool],
+    retry_budget_s: float,
 ) -> tuple[list[int], Batch]:
     """Re-list the input, send the batches ``wanted`` picks; return them and the tail."""
     sent: list[int] = []
     tail = None
-    for tail in batch_uris(storage.list_uris(spec.input), spec.batch_size):
+    listing = listed_uris(storage, spec.input, retry_budget_s=retry_budget_s)
+    for tail in batch_uris(listing, spec.batch_size):
         if tail.uris and wanted(tail.batch_no):
             ledger.mark_outstanding(spec.job_id, tail.batch_no)
             send_batch(
@@ -60,7 +67,9 @@ def _resend(
     return sent, tail
 
 
-def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Resent:
+def retry(
+    storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str, *, retry_budget_s: float
+) -> Resent:
     """Re-run dead batches, and batches that have neither a part file nor a message."""
     counts = ledger.counts(job_id)
     spec = counts.spec
@@ -83,12 +92,20 @@ def retry(storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str) -> Res
             if b not in have and b not in queued and not ledger.is_done(job_id, b)
         }
         if lost:
-            out.missing, _tail = _resend(storage, ledger, app, spec, lost.__contains__)
+            out.missing, _tail = _resend(
+                storage, ledger, app, spec, lost.__contains__, retry_budget_s
+            )
     return out
 
 
 def reconcile(
-    storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str, *, output: str | None = None
+    storage: ObjectStore,
+    ledger: Ledger,
+    app: Celery,
+    job_id: str,
+    *,
+    output: str | None = None,
+    retry_budget_s: float,
 ) -> Resent:
     """Rebuild the ledger from storage and send whatever has no part file.
 
@@ -122,10 +139,10 @@ def reconcile(
         # the lines written so far carry it, and the rest must match them.
         spec = replace(spec, model_version=ledger.pin_model_version(job_id, min(versions)))
     ledger.reset_counts(job_id, done_batches=done)
-    sent, tail = _resend(storage, ledger, app, spec, lambda b: b not in done)
+    sent, tail = _resend(storage, ledger, app, spec, lambda b: b not in done, retry_budget_s)
     out = Resent(job_id, missing=sent)
     if ledger.finish_enqueue(job_id, tail.batch_no, tail.position()):
-        write_manifest(storage, ledger, job_id)
+        patiently(lambda: write_manifest(storage, ledger, job_id), retry_budget_s, spec.output)
         out.finished = True
     return out
 

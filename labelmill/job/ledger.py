@@ -29,6 +29,8 @@ from dataclasses import replace
 from typing import Any, NamedTuple, cast
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from labelmill.errors import JobNotFound, LedgerUnavailable
 from labelmill.job.model import BatchStart, JobCounts, JobSpec, JobState, Position
@@ -104,6 +106,9 @@ class Ledger:
             socket_timeout=10,
             socket_connect_timeout=5,
             health_check_interval=30,
+            # One attempt per call: retrying is labelmill.retry's business
+            # (redis-py would otherwise retry three times on its own).
+            retry=Retry(NoBackoff(), 0),
         )
         return cls(client, prefix=prefix, ttl_s=ttl_s)
 

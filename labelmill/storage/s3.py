@@ -70,9 +70,10 @@ def make_client(settings: Settings) -> Any:
     config = Config(
         connect_timeout=settings.s3_connect_timeout_s,
         read_timeout=settings.s3_read_timeout_s,
-        # A few quick SDK retries smooth over blips; longer outages are the
-        # worker's retry budget's business (StorageUnavailable is transient).
-        retries={"mode": "standard", "total_max_attempts": 3},
+        # One attempt per call: retrying is labelmill.retry's business (the
+        # worker's batch deadline, the producer's budget, a resumed listing),
+        # which sees StorageUnavailable as transient.
+        retries={"mode": "standard", "total_max_attempts": 1},
         max_pool_connections=max(10, settings.fetch_concurrency * 2),
     )
     return session().client("s3", config=config)

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 import pytest
 from celery import Celery
 
+from labelmill.errors import StorageUnavailable
 from labelmill.job import JobState, Ledger
 from labelmill.job.folder import JobFolder
 from labelmill.job.record import DEAD, ErrorRecord, Label, ModelInfo, OkRecord, Record, tally
 from labelmill.job.status import write_manifest
-from labelmill.queue import QUEUE, broker_client, make_celery, pending_batches
+from labelmill.queue import QUEUE, broker_client, make_celery, pending_batches, queued_tasks
 from labelmill.settings import Settings
 from labelmill.storage import Storage
+from labelmill.storage.s3 import S3Objects
+from labelmill.storage.uris import Location
 from producer import enqueue as enq
 from producer import ops
 from producer.watch import watch_json
@@ -30,6 +33,7 @@ from tests import images
 pytestmark = pytest.mark.integration
 
 BATCH = 3
+BUDGET_S = 30.0  # how long the producer waits out an outage here
 MODEL = ModelInfo("inception", 1, "random:seed=0")
 
 
@@ -56,6 +60,7 @@ class Producer:
             model_name="inception",
             resolve_version=lambda: 1,
             job_id=job_id,
+            retry_budget_s=BUDGET_S,
         )
 
     def queued(self, job_id: str) -> set[int]:
@@ -108,6 +113,40 @@ def test_enqueue_records_the_job_sends_every_batch_and_writes_the_spec(producer:
     assert (again.resumed, again.new_batches) == (True, 0)
 
 
+class ListingBreaksOnce(S3Objects):
+    """The real S3 backend, whose listing breaks once after ``items`` URIs."""
+
+    def __init__(self, settings: Settings, items: int) -> None:
+        super().__init__(settings, None)
+        self.left: int | None = items
+        self.opened: list[str | None] = []
+
+    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]:
+        self.opened.append(after.uri if after else None)
+        for uri in super().list_uris(prefix, after):
+            if self.left == 0:
+                self.left = None
+                raise StorageUnavailable(f"{prefix.uri}: connection reset mid-listing")
+            if self.left is not None:
+                self.left -= 1
+            yield uri
+
+
+def test_enqueue_waits_out_a_listing_that_breaks_and_resumes_it(
+    producer: Producer, redis_url: str
+) -> None:
+    p = producer
+    flaky = ListingBreaksOnce(Settings(redis_url=redis_url), items=4)
+    p.storage = Storage(p.storage.settings, backends={"s3": flaky})
+    result = p.enqueue(8)
+    assert (result.batches_total, result.images_total) == (3, 8)
+    inputs = f"s3://{p.bucket}/in/"
+    assert flaky.opened == [None, f"{inputs}img-003.jpg"]  # resumed after the 4th URI
+    sent = sorted((t["batch_no"], t["uris"]) for t in queued_tasks(broker_client(p.app)))
+    assert [b for b, _uris in sent] == [0, 1, 2]
+    assert [u for _b, uris in sent for u in uris] == [f"{inputs}img-{i:03d}.jpg" for i in range(8)]
+
+
 def test_retry_reruns_a_dead_batch_once_and_undoes_its_counts(producer: Producer) -> None:
     p = producer
     p.enqueue(6)
@@ -115,13 +154,13 @@ def test_retry_reruns_a_dead_batch_once_and_undoes_its_counts(producer: Producer
     p.finish("j-ops", 0)
     p.finish("j-ops", 1, dead=True)
     assert p.ledger.counts("j-ops").state == JobState.DONE  # dead batches end a job too
-    res = ops.retry(p.storage, p.ledger, p.app, "j-ops")
+    res = ops.retry(p.storage, p.ledger, p.app, "j-ops", retry_budget_s=BUDGET_S)
     assert (res.dead, res.missing) == ([1], [])
     counts = p.ledger.counts("j-ops")
     assert (counts.state, counts.batches_done, counts.batches_dead) == (JobState.RUNNING, 1, 0)
     assert counts.images_error == 0 and p.queued("j-ops") == {1}
     # A second retry finds nothing dead: the batch is sent once.
-    assert ops.retry(p.storage, p.ledger, p.app, "j-ops").dead == []
+    assert ops.retry(p.storage, p.ledger, p.app, "j-ops", retry_budget_s=BUDGET_S).dead == []
     assert p.finish("j-ops", 1)  # now it succeeds and closes the job
     assert p.ledger.counts("j-ops").state == JobState.DONE
 
@@ -134,11 +173,11 @@ def test_retry_resends_lost_messages_and_nothing_else(producer: Producer) -> Non
     # workers that died before kombu recorded them as unacknowledged).
     broker_client(p.app).delete(QUEUE)
     assert p.queued("j-ops") == set()
-    res = ops.retry(p.storage, p.ledger, p.app, "j-ops")
+    res = ops.retry(p.storage, p.ledger, p.app, "j-ops", retry_budget_s=BUDGET_S)
     assert (res.dead, res.missing) == ([], [1, 2])
     assert p.queued("j-ops") == {1, 2}
     # Queued now: a second retry sends nothing.
-    assert ops.retry(p.storage, p.ledger, p.app, "j-ops").missing == []
+    assert ops.retry(p.storage, p.ledger, p.app, "j-ops", retry_budget_s=BUDGET_S).missing == []
 
 
 def test_reconcile_rebuilds_a_job_redis_lost_from_its_folder(producer: Producer) -> None:
@@ -148,7 +187,9 @@ def test_reconcile_rebuilds_a_job_redis_lost_from_its_folder(producer: Producer)
     p.finish("j-ops", 0)
     p.finish("j-ops", 2)
     p.ledger.r.flushdb()  # Redis lost everything: the job, the queue
-    res = ops.reconcile(p.storage, p.ledger, p.app, "j-ops", output=spec.output)
+    res = ops.reconcile(
+        p.storage, p.ledger, p.app, "j-ops", output=spec.output, retry_budget_s=BUDGET_S
+    )
     assert (res.missing, res.finished) == ([1], False)
     counts = p.ledger.counts("j-ops")
     assert (counts.images_ok, counts.batches_done, counts.images_total) == (4, 2, 7)
