@@ -7,10 +7,13 @@ with TF Serving's own, and methods are called by TF Serving's paths.
 Each call is one attempt, with a deadline (``timeout_s``); its failure is
 mapped by gRPC status code, and retrying is the caller's (``labelmill.retry``):
 
-- UNAVAILABLE, DEADLINE_EXCEEDED: :class:`ModelUnavailable` (transient).
+- UNAVAILABLE, DEADLINE_EXCEEDED, and the server's own faults (INTERNAL,
+  CANCELLED, RESOURCE_EXHAUSTED when it is out of memory or its queue is
+  full): :class:`ModelUnavailable` (transient).
 - NOT_FOUND: :class:`ModelNotFound`.
-- INVALID_ARGUMENT, RESOURCE_EXHAUSTED (a message over the size limit) and
-  anything else: :class:`InferenceError` (permanent).
+- INVALID_ARGUMENT (a request the server rejects), RESOURCE_EXHAUSTED for a
+  message over the size limit (the same request can never pass) and anything
+  else: :class:`InferenceError` (permanent).
 """
 
 from __future__ import annotations
@@ -38,7 +41,19 @@ GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
 IMAGE_SHAPE = (299, 299, 3)
 POLL_INTERVAL_S = 0.5
 
-_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+# gRPC's own words for a message over a size limit, on either side
+# (grpc/src/core/ext/filters/message_size/message_size_filter.cc): that
+# RESOURCE_EXHAUSTED is about the request, so no retry can help it.
+_TOO_LARGE = "message larger than max"
 
 _NUMERIC_DTYPES: dict[int, np.dtype[Any]] = {
     tfs_pb2.DT_FLOAT: np.dtype(np.float32),
@@ -298,6 +313,6 @@ class ModelClient:
             message = f"{self._where(version)}: {code.name}: {details}"
             if code == grpc.StatusCode.NOT_FOUND:
                 raise ModelNotFound(message) from None
-            if code in _TRANSIENT:
+            if code in _TRANSIENT and _TOO_LARGE not in (details or ""):
                 raise ModelUnavailable(message) from None
             raise InferenceError(message) from None

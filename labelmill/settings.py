@@ -1,7 +1,7 @@
 """The one typed settings object.
 
 Read once from ``LABELMILL_*`` environment variables in an entry point, then
-passed down explicitly. CLI flags override fields with ``model_copy``. S3 is
+passed down explicitly. CLI flags override fields (validated like the rest). S3 is
 configured through the AWS SDK's own variables (``AWS_ENDPOINT_URL_S3``,
 ``AWS_ACCESS_KEY_ID``..., ``AWS_REGION``), not through these settings.
 """
@@ -71,6 +71,21 @@ class Settings(BaseSettings):
     # Object storage deadlines (boto3).
     s3_connect_timeout_s: float = Field(default=5.0, gt=0)
     s3_read_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        scheme, sep, _rest = value.partition("://")
+        if not sep or scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{value!r} is not a redis://, rediss:// or unix:// URL")
+        return value
+
+    def with_overrides(self, **given: object) -> Settings:
+        """These settings with the values ``given`` (None: not given), validated."""
+        update = {k: v for k, v in given.items() if v is not None}
+        # model_validate, not model_copy (which skips validation) nor the
+        # constructor (which would read the environment again).
+        return type(self).model_validate({**self.model_dump(), **update})
 
     @field_validator("allowed_formats", "allowed_buckets", mode="before")
     @classmethod

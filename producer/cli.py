@@ -109,9 +109,14 @@ def _note(message: str) -> None:
     err.print(f"producer: {message}", markup=False, highlight=False)
 
 
-def _override(settings: Settings, **flags: object) -> Settings:
-    """``settings`` with the flags that were given (not None): flag beats environment."""
-    return settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
+def _override(settings: Settings | None, **flags: object) -> Settings:
+    """Settings from the environment (or ``settings``) with the flags given: flag beats env."""
+    try:
+        return (settings or Settings()).with_overrides(**flags)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UsageError(f"bad setting {where}: {first['msg']}") from None
 
 
 def env(ctx: typer.Context) -> Env:
@@ -124,13 +129,13 @@ def env(ctx: typer.Context) -> Env:
 def main_options(
     ctx: typer.Context,
     redis_url: Annotated[
-        str | None, typer.Option(help="Broker and ledger [env: LABELMILL_REDIS_URL].")
+        str | None, typer.Option(help="Broker and ledger (env LABELMILL_REDIS_URL).")
     ] = None,
     model_server: Annotated[
-        str | None, typer.Option(help="gRPC target [env: LABELMILL_MODEL_SERVER].")
+        str | None, typer.Option(help="gRPC target (env LABELMILL_MODEL_SERVER).")
     ] = None,
     key_prefix: Annotated[
-        str | None, typer.Option(help="Redis key prefix [env: LABELMILL_KEY_PREFIX].")
+        str | None, typer.Option(help="Redis key prefix (env LABELMILL_KEY_PREFIX).")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -139,13 +144,8 @@ def main_options(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UsageError(f"bad setting {first['loc']}: {first['msg']}") from None
     ctx.obj = Env(
-        _override(settings, redis_url=redis_url, model_server=model_server, key_prefix=key_prefix)
+        _override(None, redis_url=redis_url, model_server=model_server, key_prefix=key_prefix)
     )
 
 
@@ -156,12 +156,12 @@ def enqueue(
     output: Annotated[str, typer.Option("--output", "-o", help="Where labels go.")],
     batch_size: Annotated[
         int | None,
-        typer.Option(min=1, max=1024, help="Images per batch [env: LABELMILL_BATCH_SIZE]."),
+        typer.Option(min=1, max=1024, help="Images per batch (env LABELMILL_BATCH_SIZE)."),
     ] = None,
     max_outstanding: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Batches queued or running at once [env: LABELMILL_MAX_OUTSTANDING]."
+            min=1, help="Batches queued or running at once (env LABELMILL_MAX_OUTSTANDING)."
         ),
     ] = None,
     job_id: Annotated[
@@ -169,7 +169,7 @@ def enqueue(
     ] = None,
     model_version: Annotated[
         int | None,
-        typer.Option(min=1, help="Pin this model version [env: LABELMILL_MODEL_VERSION]."),
+        typer.Option(min=1, help="Pin this model version (env LABELMILL_MODEL_VERSION)."),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="List and count; enqueue nothing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,

@@ -67,6 +67,13 @@ def export(
     """Write a SavedModel version folder that TF Serving loads unchanged."""
     if arch not in ("inception_v3", "tiny"):
         raise typer.BadParameter(f"{arch!r} is not one of inception_v3, tiny", param_hint="--arch")
+    if weights not in ("imagenet", "random") and not Path(weights).is_file():
+        raise UsageError(f"--weights {weights}: not imagenet, random, nor a weights file")
+    # Checked before the model is built (a minute for Inception-v3).
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot make the folder ({exc.strerror})") from None
     _quiet_tensorflow()
     _configure_logging()
     from serving.export import export as write_export

@@ -221,16 +221,22 @@ class S3Objects:
         etag = response.get("ETag")
         return data, etag.strip('"') if etag else None
 
-    def read(self, loc: Location) -> bytes | None:
-        uri, bucket, key = loc.uri, loc.bucket, loc.key
+    def _unless_missing(self, uri: str, op: Callable[[], Any]) -> Any | None:
+        """``op()``'s response, or None when the object or its bucket does not exist."""
         try:
-            response = self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
-            return bytes(self._call(uri, lambda: response["Body"].read()))
+            return self._call(uri, op)
         except ClientError as exc:
             code, _ = _code(exc)
             if code in _MISSING_CODES or code == "NoSuchBucket":
                 return None
             raise self._mapped(exc, uri) from None
+
+    def read(self, loc: Location) -> bytes | None:
+        uri, bucket, key = loc.uri, loc.bucket, loc.key
+        response = self._unless_missing(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
+        if response is None:
+            return None
+        return bytes(self._call(uri, lambda: response["Body"].read()))
 
     def put(self, loc: Location, data: bytes, content_type: str, root: Location | None) -> None:
         uri, bucket, key = loc.uri, loc.bucket, loc.key
@@ -246,23 +252,12 @@ class S3Objects:
 
     def exists(self, loc: Location) -> bool:
         uri, bucket, key = loc.uri, loc.bucket, loc.key
-        try:
-            self._call(uri, lambda: self.client.head_object(Bucket=bucket, Key=key))
-        except ClientError as exc:
-            code, _ = _code(exc)
-            if code in _MISSING_CODES or code == "NoSuchBucket":
-                return False
-            raise self._mapped(exc, uri) from None
-        return True
+        head = self._unless_missing(uri, lambda: self.client.head_object(Bucket=bucket, Key=key))
+        return head is not None
 
     def delete(self, loc: Location) -> None:
         uri, bucket, key = loc.uri, loc.bucket, loc.key
-        try:
-            self._call(uri, lambda: self.client.delete_object(Bucket=bucket, Key=key))
-        except ClientError as exc:
-            code, _ = _code(exc)
-            if code not in _MISSING_CODES:
-                raise self._mapped(exc, uri) from None
+        self._unless_missing(uri, lambda: self.client.delete_object(Bucket=bucket, Key=key))
 
     def check_access(self, loc: Location, write: bool) -> None:
         uri, bucket, key = loc.uri, loc.bucket, loc.key

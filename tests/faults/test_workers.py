@@ -261,11 +261,7 @@ def test_manifest_written_once_when_workers_race_on_the_last_batch(pipeline: Pip
                 uris = inputs[b * 8 : b * 8 + 8]
                 send_batch(app, job_id=job_id, batch_no=b, uris=uris, model_version=1)
     p.wait_done(job_id)
-    wait_until(
-        lambda: p.ledger.r.llen("classify") == 0 and p.ledger.r.hlen("unacked") == 0,
-        timeout=60,
-        what="every duplicate delivered",
-    )
+    p.wait_delivered(job_id, 12 * 3)  # every batch: its own message and two duplicates
     checked = check_job(p, job_id, inputs, out)
     assert checked.output.manifest["images"]["ok"] == 96
     versions = s3.list_object_versions(Bucket=p.bucket, Prefix=f"out/{job_id}/_manifest.json")

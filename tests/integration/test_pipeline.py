@@ -157,14 +157,8 @@ def test_window_bounds_outstanding_batches(pipeline: Pipeline) -> None:
     assert 1 <= peak <= 3
 
 
-def _drained(p: Pipeline) -> bool:
-    r = p.ledger.r
-    return r.llen("classify") == 0 and r.hlen("unacked") == 0
-
-
 def test_batch_delivered_twice_counts_once(pipeline: Pipeline) -> None:
     from labelmill.queue import make_celery, send_batch
-    from tests.fixtures.procs import wait_until
 
     p = pipeline
     for i in range(6):
@@ -177,14 +171,14 @@ def test_batch_delivered_twice_counts_once(pipeline: Pipeline) -> None:
         send_batch(app, job_id=job["job_id"], batch_no=0, uris=uris, model_version=1)
     p.start_worker(concurrency=2)
     p.wait_done(job["job_id"])
-    wait_until(lambda: _drained(p), timeout=60, what="queue drained")
+    p.wait_delivered(job["job_id"], 2 + 2)  # batch 0 three times, batch 1 once
     key = f"o/{job['job_id']}/part-000000000.jsonl"
     before = p.s3.get_object(Bucket=p.bucket, Key=key)["Body"].read()
     counts = p.ledger.counts(job["job_id"])
     assert (counts.images_ok, counts.images_error, counts.batches_done) == (6, 0, 2)
     # A redelivery after completion changes nothing either.
     send_batch(app, job_id=job["job_id"], batch_no=0, uris=uris, model_version=1)
-    wait_until(lambda: _drained(p), timeout=60, what="queue drained")
+    p.wait_delivered(job["job_id"], 2 + 2 + 1)
     after = p.ledger.counts(job["job_id"])
     assert (after.images_ok, after.batches_done) == (6, 2)
     assert p.s3.get_object(Bucket=p.bucket, Key=key)["Body"].read() == before
@@ -241,7 +235,6 @@ def test_killed_producer_resumes_without_duplicates(pipeline: Pipeline) -> None:
 
 
 def test_cancel_drops_outstanding_batches(pipeline: Pipeline) -> None:
-    from tests.fixtures.procs import wait_until
 
     p = pipeline
     for i in range(10):
@@ -250,7 +243,7 @@ def test_cancel_drops_outstanding_batches(pipeline: Pipeline) -> None:
     res = p.producer("cancel", job["job_id"])
     assert "10 outstanding batches dropped" in res.stdout
     p.start_worker()
-    wait_until(lambda: _drained(p), timeout=60, what="queue drained")
+    p.wait_delivered(job["job_id"], 10)  # each dropped batch still comes by once
     assert _lines(p, f"o/{job['job_id']}/") == []
     st = json.loads(p.producer("status", job["job_id"], "--json").stdout)
     assert st["state"] == "cancelled"
@@ -363,7 +356,6 @@ def test_cli_errors_are_one_line(pipeline: Pipeline) -> None:
 def test_retry_resends_a_batch_whose_message_was_lost(pipeline: Pipeline) -> None:
     """A message gone from Redis (taken as Redis died) is found and re-sent by retry."""
     from labelmill.queue import pending_batches
-    from tests.fixtures.procs import wait_until
 
     p = pipeline
     for i in range(8):
@@ -378,7 +370,7 @@ def test_retry_resends_a_batch_whose_message_was_lost(pipeline: Pipeline) -> Non
             r.lrem("classify", 1, raw)
     assert pending_batches(r, jid) == {0, 1, 3}
     p.start_worker()
-    wait_until(lambda: _drained(p), timeout=60, what="queue drained")
+    p.wait_delivered(jid, 3)
     st = json.loads(p.producer("status", jid, "--json").stdout)
     assert st["state"] == "running" and st["batches"]["outstanding"] == 1
     res = json.loads(p.producer("retry", jid, "--json").stdout)

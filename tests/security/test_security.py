@@ -244,8 +244,16 @@ def test_local_output_never_written_outside_its_root(pipeline: Pipeline, tmp_pat
     send_batch(app, job_id="../../outside", batch_no=0, uris=climb, model_version=1)
     send_batch(app, job_id=job["job_id"] + "/../../x", batch_no=-1, uris=climb, model_version=1)
     r = p.ledger.r
-    wait_until(lambda: r.llen(QUEUE) == 0 and r.hlen("unacked") == 0, timeout=60, what="drain")
-    assert log_text(p.workers[0]).count("refusing a malformed batch message") == 2
+    # Both refused (each delivery logs it before its ack), then both acked.
+    wait_until(
+        lambda: (
+            log_text(p.workers[0]).count("refusing a malformed batch message") == 2
+            and r.llen(QUEUE) == 0
+            and r.hlen("unacked") == 0
+        ),
+        timeout=60,
+        what="both crafted messages refused",
+    )
     new = _snapshot(tmp_path) - before
     stray = [q for q in new if out not in q.parents and q.parent != tmp_path]
     assert not stray, stray

@@ -125,3 +125,15 @@ def test_bad_command_lines_exit_2(args: list[str]) -> None:
 def test_missing_weights_file_exits_2(tmp_path: Path) -> None:
     done = run_serving("export", "--out", str(tmp_path), "--weights", str(tmp_path / "nope.h5"))
     assert_one_line_error(done, "nope.h5")
+
+
+def test_an_out_folder_that_cannot_exist_is_refused_before_the_model_is_built(
+    tmp_path: Path,
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    done = run_serving("export", "--out", str(a_file / "models"), "--weights", "random")
+    assert_one_line_error(done, str(a_file / "models"))
+    # Refused before the build, which starts by warning of random weights.
+    assert "RANDOM weights" not in done.stderr
+    assert a_file.read_text() == "not a folder"

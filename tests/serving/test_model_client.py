@@ -129,8 +129,8 @@ def test_request_uses_tensor_content_and_signature(fake: FakeServer) -> None:
     ("code", "error"),
     [
         (grpc.StatusCode.INVALID_ARGUMENT, InferenceError),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, InferenceError),
         (grpc.StatusCode.NOT_FOUND, ModelNotFound),
+        (grpc.StatusCode.UNIMPLEMENTED, InferenceError),
     ],
 )
 def test_permanent_codes_are_not_retried(
@@ -142,6 +142,29 @@ def test_permanent_codes_are_not_retried(
     assert len(fake.requests) == 1
     message = str(caught.value)
     assert fake.target in message and "'inception'" in message and "version 4" in message
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # the server's queue or memory, not the message
+    ],
+)
+def test_the_server_s_own_faults_are_transient(fake: FakeServer, code: grpc.StatusCode) -> None:
+    fake.script = [code]
+    with client(fake) as c, pytest.raises(ModelUnavailable, match=code.name):
+        c.predict(pixels(1))
+
+
+def test_a_message_over_the_size_limit_is_permanent(fake: FakeServer) -> None:
+    """gRPC says RESOURCE_EXHAUSTED for it too, but the same request can never pass."""
+    with (
+        ModelClient(fake.target, timeout_s=5.0, max_message_bytes=10_000) as c,
+        pytest.raises(InferenceError, match=r"RESOURCE_EXHAUSTED.*larger than max"),
+    ):
+        c.predict(pixels(1))
 
 
 def test_a_deadline_reached_raises_model_unavailable(fake: FakeServer) -> None:
