@@ -21,10 +21,12 @@ policy is chosen by type: only :class:`TransientError` is retried.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal, get_args
 
 ErrorKind = Literal[
     "not_found",
+    "changed",
     "forbidden",
     "empty",
     "too_large",
@@ -84,7 +86,21 @@ class InferenceError(LabelmillError):
 class ImageError(LabelmillError):
     """One image cannot be classified; becomes an ``error`` result line."""
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(
+        self, kind: ErrorKind, message: str, detail: Mapping[str, str | None] | None = None
+    ) -> None:
         super().__init__(message)
         self.kind: ErrorKind = kind
         self.message = message
+        # Written into the line's ``error`` beside kind and message
+        # (``changed``: the listed ETag and the one found).
+        self.detail: dict[str, str | None] = dict(detail or {})
+
+    @classmethod
+    def changed(cls, uri: str, listed_etag: str, etag: str | None) -> ImageError:
+        """The object is not what was listed: it was overwritten since."""
+        return cls(
+            "changed",
+            f"{uri} changed since it was listed (ETag {listed_etag}, now {etag})",
+            {"listed_etag": listed_etag, "etag": etag},
+        )

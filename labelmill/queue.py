@@ -73,9 +73,10 @@ def send_batch(
     batch_no: int,
     uris: Sequence[str],
     model_version: int | None,
+    etags: Sequence[str | None] | None = None,
     producer: Producer | None = None,
 ) -> None:
-    """Publish one batch: a message of URIs, never image bytes.
+    """Publish one batch: a message of URIs (and their listed ETags), never image bytes.
 
     ``model_version`` None: the job's version is not pinned yet; the worker
     reads (or makes) the pin in the ledger.
@@ -103,6 +104,7 @@ def send_batch(
             "batch_no": batch_no,
             "uris": list(uris),
             "model_version": model_version,
+            **({"etags": list(etags)} if etags is not None else {}),
         },
         queue=QUEUE,
         producer=producer,

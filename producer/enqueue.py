@@ -21,7 +21,7 @@ from labelmill.job.status import new_job_id, write_manifest
 from labelmill.queue import send_batch
 from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import Batch, batch_uris, last_batch, listed_uris
+from producer.listing import Batch, batch_objects, last_batch, listed
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def dry_run(
     """List and count without writing anything anywhere."""
     source = normalise_uri(source)
     storage.check_access(source, write=False)
-    tail = last_batch(listed_uris(storage, source, retry_budget_s=retry_budget_s), batch_size)
+    tail = last_batch(listed(storage, source, retry_budget_s=retry_budget_s), batch_size)
     return EnqueueResult(
         job_id="",
         state="dry-run",
@@ -243,9 +243,7 @@ def _send(
     """List from the recorded position and send the job's remaining batches."""
     job_id = spec.job_id
     source, output = spec.input, spec.output
-    listing = listed_uris(
-        storage, source, after=counts.last_key or None, retry_budget_s=retry_budget_s
-    )
+    listing = listed(storage, source, after=counts.last_key or None, retry_budget_s=retry_budget_s)
     sent = 0
     tail: Batch | None = None
     group: list[Batch] = []
@@ -277,6 +275,7 @@ def _send(
                     job_id=job_id,
                     batch_no=b.batch_no,
                     uris=b.uris,
+                    etags=b.etags,
                     model_version=spec.model_version,
                     producer=publisher,
                 )
@@ -288,7 +287,7 @@ def _send(
                 progress(b)
         group.clear()
 
-    for b in batch_uris(
+    for b in batch_objects(
         listing,
         spec.batch_size,
         first_batch_no=counts.batches_sent,

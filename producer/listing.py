@@ -1,4 +1,4 @@
-"""From a listing of objects to numbered batches of image URIs.
+"""From a listing of objects to numbered batches of image URIs and their ETags.
 
 Batching is a pure function of the listing (lexicographic, as S3 lists), so
 the same prefix always gives the same batches: `retry` and `reconcile` rely on
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from labelmill.job import Position
 from labelmill.retry import resumable
-from labelmill.storage import ObjectStore
+from labelmill.storage import ObjectInfo, ObjectStore
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -30,18 +30,18 @@ def is_image_name(uri: str) -> bool:
     return bool(dot) and bool(stem.lstrip(".")) and dot + ext.lower() in IMAGE_EXTENSIONS
 
 
-def listed_uris(
+def listed(
     storage: ObjectStore, source: str, *, after: str | None = None, retry_budget_s: float
-) -> Iterator[str]:
-    """Every URI under ``source`` after ``after``, in key order, through outages.
+) -> Iterator[ObjectInfo]:
+    """Every object under ``source`` after URI ``after``, in key order, through outages.
 
     A listing of a billion keys runs for hours: when the store fails, it is
     waited out (``retry_budget_s`` per stretch without progress) and the
     listing resumed after the last URI seen.
     """
     return resumable(
-        lambda last: storage.list_uris(source, start_after=last),
-        key=str,
+        lambda last: storage.list(source, start_after=last),
+        key=lambda info: info.uri,
         after=after,
         budget_s=retry_budget_s,
         what=f"list {source}",
@@ -54,6 +54,7 @@ class Batch:
 
     batch_no: int
     uris: list[str]
+    etags: list[str | None]  # what the listing saw, one per URI
     listed: int  # objects listed so far, batch included
     last_key: str  # the last URI listed so far
     skipped: Counter[str] = field(default_factory=Counter)  # running totals
@@ -74,8 +75,8 @@ class Batch:
         )
 
 
-def batch_uris(
-    uris: Iterable[str],
+def batch_objects(
+    objects: Iterable[ObjectInfo],
     batch_size: int,
     *,
     first_batch_no: int = 0,
@@ -83,7 +84,7 @@ def batch_uris(
     skipped: Counter[str] | None = None,
     last_key: str = "",
 ) -> Iterator[Batch]:
-    """Group image URIs into batches of ``batch_size``; the last may be short.
+    """Group the listed images into batches of ``batch_size``; the last may be short.
 
     The final item is always a tail with no URIs (see below).
 
@@ -95,9 +96,11 @@ def batch_uris(
     totals = Counter(skipped)  # the copy handed out with batches
     changed = False
     current: list[str] = []
+    etags: list[str | None] = []
     batch_no = first_batch_no
     last = last_key
-    for uri in uris:
+    for obj in objects:
+        uri = obj.uri
         listed += 1
         last = uri
         if not is_image_name(uri):
@@ -105,21 +108,22 @@ def batch_uris(
             changed = True
             continue
         current.append(uri)
+        etags.append(obj.etag)
         if len(current) == batch_size:
             if changed:
                 totals, changed = Counter(skipped), False
-            yield Batch(batch_no, current, listed, last, totals)
+            yield Batch(batch_no, current, etags, listed, last, totals)
             batch_no += 1
-            current = []
+            current, etags = [], []
     if current:
-        yield Batch(batch_no, current, listed, last, Counter(skipped))
+        yield Batch(batch_no, current, etags, listed, last, Counter(skipped))
         batch_no += 1
     # The tail: no URIs; its number is the job's batch count and it carries
     # the final totals (skipped objects after the last image included).
-    yield Batch(batch_no, [], listed, last, Counter(skipped))
+    yield Batch(batch_no, [], [], listed, last, Counter(skipped))
 
 
-def last_batch(uris: Iterable[str], batch_size: int) -> Batch:
+def last_batch(objects: Iterable[ObjectInfo], batch_size: int) -> Batch:
     """The tail of a whole listing: the batch count and the listing's totals."""
-    (tail,) = deque(batch_uris(uris, batch_size), maxlen=1)  # there is always a tail
+    (tail,) = deque(batch_objects(objects, batch_size), maxlen=1)  # there is always a tail
     return tail

@@ -17,7 +17,7 @@ from labelmill.job.status import write_manifest
 from labelmill.queue import broker_client, pending_batches, send_batch
 from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import Batch, batch_uris, listed_uris
+from producer.listing import Batch, batch_objects, listed
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def _resend(
     """Re-list the input, send the batches ``wanted`` picks; return them and the tail."""
     sent: list[int] = []
     tail = None
-    listing = listed_uris(storage, spec.input, retry_budget_s=retry_budget_s)
-    for tail in batch_uris(listing, spec.batch_size):
+    listing = listed(storage, spec.input, retry_budget_s=retry_budget_s)
+    for tail in batch_objects(listing, spec.batch_size):
         if tail.uris and wanted(tail.batch_no):
             ledger.mark_outstanding(spec.job_id, tail.batch_no)
             send_batch(
@@ -60,10 +60,11 @@ def _resend(
                 job_id=spec.job_id,
                 batch_no=tail.batch_no,
                 uris=tail.uris,
+                etags=tail.etags,
                 model_version=spec.model_version,
             )
             sent.append(tail.batch_no)
-    assert tail is not None  # batch_uris always ends with a tail
+    assert tail is not None  # batch_objects always ends with a tail
     return sent, tail
 
 

@@ -56,17 +56,20 @@ class MemoryObjects:
         first = bisect.bisect_right(keys, after.uri) if after is not None else 0
         return iter([ObjectInfo(k, len(v), self._etag(v)) for k, v in snapshot[first:]])
 
-    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]:
-        return (info.uri for info in self.list(prefix, after))
-
     def get(
-        self, loc: Location, max_bytes: int, admit: Callable[[int], None] | None = None
+        self,
+        loc: Location,
+        max_bytes: int,
+        admit: Callable[[int], None] | None = None,
+        if_match: str | None = None,
     ) -> tuple[bytes, str | None]:
         self._maybe_fail(loc.uri)
         with self._lock:
             data = self.objects.get(loc.uri)
         if data is None:
             raise ImageError("not_found", f"{loc.uri} does not exist")
+        if if_match is not None and self._etag(data) != if_match:
+            raise ImageError.changed(loc.uri, if_match, self._etag(data))
         if len(data) > max_bytes:
             raise ImageError(
                 "too_large", f"{loc.uri} has {len(data)} bytes, over the cap {max_bytes}"

@@ -79,9 +79,17 @@ def create_app(settings: Settings) -> Celery:
 
     @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def classify_batch(
-        job_id: str, batch_no: int, uris: list[str], model_version: int | None = None
+        job_id: str,
+        batch_no: int,
+        uris: list[str],
+        model_version: int | None = None,
+        etags: list[str | None] | None = None,
     ) -> dict[str, Any]:
-        """Classify one batch of images and write its part file (idempotent)."""
+        """Classify one batch of images and write its part file (idempotent).
+
+        ``etags``: what the listing saw of each object; messages from before
+        it existed have none, and their objects are read unconditionally.
+        """
         try:
             outcome: Outcome = run_batch(
                 services.get(),
@@ -89,6 +97,7 @@ def create_app(settings: Settings) -> Celery:
                 batch_no=batch_no,
                 uris=uris,
                 model_version=model_version,
+                etags=etags,
             )
         except TransientError as exc:
             # Redis or the output store stayed down past the retry budget: hand

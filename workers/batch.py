@@ -77,6 +77,7 @@ def run_batch(
     batch_no: int,
     uris: Sequence[str],
     model_version: int | None = None,
+    etags: Sequence[str | None] | None = None,
 ) -> Outcome:
     """Process one delivery of a batch. Idempotent: a redelivery changes nothing."""
     t0 = time.perf_counter()
@@ -85,7 +86,7 @@ def run_batch(
     # One deadline for every stage's retries; the last part of it is kept for
     # recording the outcome (part file, ledger, manifest).
     deadline = Deadline(budget, reserve_s=record_reserve_s(budget))
-    problem = _malformed(job_id, batch_no, uris)
+    problem = _malformed(job_id, batch_no, uris, etags)
     if problem is not None:
         # Not a message the producer sends (a bug or a hostile sender). Refuse
         # it before it reaches Redis: a negative batch number made every
@@ -136,7 +137,7 @@ def run_batch(
             if version is None:
                 version = _pin_version(svc, spec, deadline)
             records = _classify_batch(
-                svc, spec.job_id, batch_no, uris, spec.model_name, version, deadline
+                svc, spec.job_id, batch_no, uris, etags, spec.model_name, version, deadline
             )
         except TransientError as exc:
             dead_reason = f"gave up after the {budget:.0f}s retry budget: {exc}"
@@ -236,7 +237,7 @@ def _newest_available(client: ModelClient) -> int:
         raise ModelUnavailable(str(exc)) from None
 
 
-def _malformed(job_id: object, batch_no: object, uris: object) -> str | None:
+def _malformed(job_id: object, batch_no: object, uris: object, etags: object) -> str | None:
     """Why a task's arguments cannot be a real batch, or None when they can."""
     if not is_valid_job_id(job_id):
         return "bad job id"
@@ -244,6 +245,12 @@ def _malformed(job_id: object, batch_no: object, uris: object) -> str | None:
         return "batch number must be an integer from 0 to 2**32-1"
     if not isinstance(uris, (list, tuple)) or not all(isinstance(u, str) for u in uris):
         return "uris must be a list of strings"
+    if etags is not None and (
+        not isinstance(etags, (list, tuple))
+        or len(etags) != len(uris)
+        or not all(e is None or isinstance(e, str) for e in etags)
+    ):
+        return "etags must be a list of strings (or nulls), one per URI"
     return None
 
 
@@ -256,6 +263,7 @@ def _classify_batch(
     job_id: str,
     batch_no: int,
     uris: Sequence[str],
+    etags: Sequence[str | None] | None,
     model_name: str,
     version: int | None,
     deadline: Deadline,
@@ -266,6 +274,7 @@ def _classify_batch(
         uris,
         s,
         svc.pool,
+        etags=etags,
         deadline=deadline,
         on_retry=_count_retry("s3"),
         memory=svc.memory,
@@ -297,7 +306,7 @@ def _classify_batch(
     for item in loaded:
         if isinstance(item, Failed):
             err: ImageError = item.error
-            out.append(ErrorRecord(item.uri, err.kind, err.message, job_id, batch_no))
+            out.append(ErrorRecord(item.uri, err.kind, err.message, job_id, batch_no, err.detail))
         else:
             out.append(results[item.uri])
     return out

@@ -53,11 +53,14 @@ def load_one(
     uri: str,
     settings: Settings,
     *,
+    etag: str | None = None,
     deadline: Deadline,
     on_retry: Callable[[TransientError], None] | None = None,
     memory: WorkerBudget | None = None,
 ) -> Loaded | Failed:
     """Fetch and decode one object; permanent problems become :class:`Failed`.
+
+    With ``etag`` (the listing's), an object that changed since is ``changed``.
 
     With ``memory``, the object's bytes are reserved before they are read and
     until the image is decoded, and decoding reserves what it will take
@@ -74,7 +77,7 @@ def load_one(
             held = size
 
     try:
-        return _load_one(storage, uri, settings, deadline, on_retry, memory, admit)
+        return _load_one(storage, uri, etag, settings, deadline, on_retry, memory, admit)
     finally:
         if memory is not None:
             memory.fetch.release(held)
@@ -83,6 +86,7 @@ def load_one(
 def _load_one(
     storage: ObjectStore,
     uri: str,
+    listed_etag: str | None,
     settings: Settings,
     deadline: Deadline,
     on_retry: Callable[[TransientError], None] | None,
@@ -93,7 +97,9 @@ def _load_one(
     t1: float | None = None  # when the bytes arrived
     try:
         data, etag = retry(
-            lambda: storage.get(uri, max_bytes=settings.max_object_bytes, admit=admit),
+            lambda: storage.get(
+                uri, max_bytes=settings.max_object_bytes, admit=admit, if_match=listed_etag
+            ),
             deadline=deadline,
             what=f"fetch {uri}",
             on_retry=on_retry,
@@ -111,7 +117,7 @@ def _load_one(
         msg = exc.message if uri in exc.message else f"{uri}: {exc.message}"
         now = time.perf_counter()
         fetched = t1 if t1 is not None else now
-        return Failed(uri, ImageError(exc.kind, msg), fetched - t0, now - fetched)
+        return Failed(uri, ImageError(exc.kind, msg, exc.detail), fetched - t0, now - fetched)
     assert t1 is not None
     return Loaded(uri, etag, pixels, t1 - t0, time.perf_counter() - t1)
 
@@ -122,15 +128,26 @@ def load_batch(
     settings: Settings,
     pool: ThreadPoolExecutor,
     *,
+    etags: Sequence[str | None] | None = None,
     deadline: Deadline,
     on_retry: Callable[[TransientError], None] | None = None,
     memory: WorkerBudget | None = None,
 ) -> list[Loaded | Failed]:
-    """Fetch and decode every URI, in order. Transient errors past the deadline propagate."""
+    """Fetch and decode every URI, in order. Transient errors past the deadline propagate.
+
+    ``etags``, one per URI, are what the listing saw (None: read unconditionally).
+    """
     futures = [
         pool.submit(
-            load_one, storage, u, settings, deadline=deadline, on_retry=on_retry, memory=memory
+            load_one,
+            storage,
+            u,
+            settings,
+            etag=e,
+            deadline=deadline,
+            on_retry=on_retry,
+            memory=memory,
         )
-        for u in uris
+        for u, e in zip(uris, etags or [None] * len(uris), strict=True)
     ]
     return [f.result() for f in futures]

@@ -89,10 +89,11 @@ class ErrorRecord:
     message: str
     job_id: str
     batch: int
+    detail: Mapping[str, str | None] = field(default_factory=dict)  # more keys of ``error``
 
     def as_dict(self) -> dict[str, Any]:
-        body = {"status": "error", "error": {"kind": self.kind, "message": self.message}}
-        return _line(self.uri, body, self.job_id, self.batch)
+        error = {"kind": self.kind, "message": self.message, **self.detail}
+        return _line(self.uri, {"status": "error", "error": error}, self.job_id, self.batch)
 
 
 Record = OkRecord | ErrorRecord
@@ -115,12 +116,14 @@ def from_dict(d: Mapping[str, Any]) -> Record:
                 batch=int(d["batch"]),
             )
         if d["status"] == "error":
+            error = d["error"]
             return ErrorRecord(
                 uri=str(d["uri"]),
-                kind=d["error"]["kind"],
-                message=str(d["error"]["message"]),
+                kind=error["kind"],
+                message=str(error["message"]),
                 job_id=str(d["job_id"]),
                 batch=int(d["batch"]),
+                detail={k: v for k, v in error.items() if k not in ("kind", "message")},
             )
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"not a result record: {exc!r}") from None

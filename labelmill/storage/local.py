@@ -69,20 +69,11 @@ class LocalFiles:
     def list(self, prefix: Location, after: Location | None) -> Iterator[ObjectInfo]:
         """Regular files whose path starts with ``prefix``, in sorted path order."""
         files = self._files(prefix.key, after.key if after else None)
-        infos = (self._file_info(path) for path, _ in files)
+        infos = (self._file_info(path) for path in files)
         return (info for info in infos if info is not None)
 
-    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]:
-        """The URIs :meth:`list` lists, without a ``stat`` per regular file.
-
-        The directory entry's type says "regular file" for free on Linux;
-        only symlinks are followed (and checked) with a ``stat``.
-        """
-        files = self._files(prefix.key, after.key if after else None)
-        return (_uri(path) for path, is_link in files if not is_link or self._file_info(path))
-
-    def _files(self, prefix: str, start_after: str | None) -> Iterator[tuple[str, bool]]:
-        """``(path, is_link)``: regular files and symlinks resolving inside the directory."""
+    def _files(self, prefix: str, start_after: str | None) -> Iterator[str]:
+        """Paths of regular files and of symlinks resolving inside the directory."""
         if not prefix.endswith("/") and os.path.isdir(prefix):
             prefix += "/"
         directory, _, name_prefix = prefix.rpartition("/")
@@ -91,7 +82,7 @@ class LocalFiles:
 
     def _walk(
         self, directory: str, name_prefix: str, start_after: str | None, real_root: str
-    ) -> Iterator[tuple[str, bool]]:
+    ) -> Iterator[str]:
         try:
             with os.scandir(directory) as it:
                 entries = sorted(_entry(e) for e in it if e.name.startswith(name_prefix))
@@ -111,11 +102,8 @@ class LocalFiles:
                 continue
             if kind == _DIR:
                 yield from self._walk(path, "", start_after, real_root)
-            elif kind == _LINK:
-                if _inside_root(path, real_root):
-                    yield path, True
-            elif kind == _FILE:
-                yield path, False
+            elif kind == _FILE or (kind == _LINK and _inside_root(path, real_root)):
+                yield path
 
     @staticmethod
     def _file_info(path: str) -> ObjectInfo | None:
@@ -128,9 +116,17 @@ class LocalFiles:
         return ObjectInfo(uri=_uri(path), size=st.st_size, etag=local_etag(st))
 
     def get(
-        self, loc: Location, max_bytes: int, admit: Callable[[int], None] | None = None
+        self,
+        loc: Location,
+        max_bytes: int,
+        admit: Callable[[int], None] | None = None,
+        if_match: str | None = None,
     ) -> tuple[bytes, str | None]:
-        """The file's bytes and etag; :class:`ImageError` for per-file failures."""
+        """The file's bytes and etag; :class:`ImageError` for per-file failures.
+
+        ``if_match``: the etag (mtime and size) the listing saw; a file
+        rewritten since is ``changed``.
+        """
         uri, path = loc.uri, loc.key
         try:
             # O_NONBLOCK: opening a FIFO must not hang the worker.
@@ -143,6 +139,8 @@ class LocalFiles:
                 raise ImageError("not_found", f"{uri} is a directory, not a file")
             if not stat.S_ISREG(st.st_mode):
                 raise ImageError("forbidden", f"{uri} is not a regular file")
+            if if_match is not None and local_etag(st) != if_match:
+                raise ImageError.changed(uri, if_match, local_etag(st))
             if st.st_size > max_bytes:
                 raise ImageError(
                     "too_large", f"{uri} has {st.st_size} bytes, over the cap {max_bytes}"

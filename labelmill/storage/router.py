@@ -27,10 +27,12 @@ class Backend(Protocol):
 
     def list(self, prefix: Location, after: Location | None) -> Iterator[ObjectInfo]: ...
 
-    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]: ...
-
     def get(
-        self, loc: Location, max_bytes: int, admit: Callable[[int], None] | None = None
+        self,
+        loc: Location,
+        max_bytes: int,
+        admit: Callable[[int], None] | None = None,
+        if_match: str | None = None,
     ) -> tuple[bytes, str | None]: ...
 
     def read(self, loc: Location) -> bytes | None: ...
@@ -49,10 +51,13 @@ class ObjectStore(Protocol):
 
     def list(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]: ...
 
-    def list_uris(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[str]: ...
-
     def get(
-        self, uri: str, *, max_bytes: int, admit: Callable[[int], None] | None = None
+        self,
+        uri: str,
+        *,
+        max_bytes: int,
+        admit: Callable[[int], None] | None = None,
+        if_match: str | None = None,
     ) -> tuple[bytes, str | None]: ...
 
     def read(self, uri: str) -> bytes | None: ...
@@ -128,15 +133,6 @@ class Storage:
         prefix, after = self._listed(prefix_uri, start_after)
         return self._backend(prefix).list(prefix, after)
 
-    def list_uris(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[str]:
-        """The URIs :meth:`list` lists, in the same order, without size or etag.
-
-        For callers that need names only (the producer): locally that saves
-        a ``stat`` per file, on S3 an :class:`ObjectInfo` per key.
-        """
-        prefix, after = self._listed(prefix_uri, start_after)
-        return self._backend(prefix).list_uris(prefix, after)
-
     def _listed(self, prefix_uri: str, start_after: str | None) -> tuple[Location, Location | None]:
         prefix = self._at(prefix_uri, input_read=True)
         after = Location.parse(start_after) if start_after else None
@@ -145,20 +141,26 @@ class Storage:
         return prefix, after
 
     def get(
-        self, uri: str, *, max_bytes: int, admit: Callable[[int], None] | None = None
+        self,
+        uri: str,
+        *,
+        max_bytes: int,
+        admit: Callable[[int], None] | None = None,
+        if_match: str | None = None,
     ) -> tuple[bytes, str | None]:
         """An input object's bytes and etag, at most ``max_bytes`` of them.
 
         Per-object failures raise :class:`ImageError` (``not_found``,
-        ``forbidden``, ``too_large``); outages raise ``StorageUnavailable``.
-        ``admit(size)`` is called once the size is known and before the body
-        is read (a memory budget may make it wait).
+        ``forbidden``, ``too_large``, and ``changed`` when ``if_match``, the
+        ETag the listing saw, is no longer the object's); outages raise
+        ``StorageUnavailable``. ``admit(size)`` is called once the size is
+        known and before the body is read (a memory budget may make it wait).
         """
         try:
             loc = self._at(uri, input_read=True)
         except UsageError as exc:  # one image's problem, not the job's
             raise ImageError("forbidden", str(exc)) from None
-        return self._backend(loc).get(loc, max_bytes, admit)
+        return self._backend(loc).get(loc, max_bytes, admit, if_match)
 
     def read(self, uri: str) -> bytes | None:
         """One of labelmill's own files (job spec, part file), or None when missing."""

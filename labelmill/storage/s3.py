@@ -161,12 +161,6 @@ class S3Objects:
                     etag=etag.strip('"') if etag else None,
                 )
 
-    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]:
-        """The URIs :meth:`list` lists, without building an ObjectInfo per key."""
-        head = f"s3://{prefix.bucket}/"
-        for page in self._pages(prefix, after):
-            yield from [head + item["Key"] for item in page.get("Contents", ())]
-
     def _pages(self, prefix: Location, after: Location | None) -> Iterator[Any]:
         kwargs: dict[str, Any] = {"Bucket": prefix.bucket, "Prefix": prefix.key}
         if after is not None and after.key:
@@ -193,15 +187,24 @@ class S3Objects:
                 yield page
 
     def get(
-        self, loc: Location, max_bytes: int, admit: Callable[[int], None] | None = None
+        self,
+        loc: Location,
+        max_bytes: int,
+        admit: Callable[[int], None] | None = None,
+        if_match: str | None = None,
     ) -> tuple[bytes, str | None]:
         uri, bucket, key = loc.uri, loc.bucket, loc.key
+        condition = {"IfMatch": if_match} if if_match else {}
         try:
-            response = self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
+            response = self._call(
+                uri, lambda: self.client.get_object(Bucket=bucket, Key=key, **condition)
+            )
         except ClientError as exc:
             code, _ = _code(exc)
             if code in _MISSING_CODES or code == "NoSuchBucket":
                 raise ImageError("not_found", f"{uri} does not exist ({code})") from None
+            if code == "PreconditionFailed" and if_match:
+                raise self._not_as_listed(loc, if_match) from None
             mapped = self._mapped(exc, uri)
             if isinstance(mapped, CredentialsError) and code not in _CREDENTIAL_CODES:
                 raise ImageError("forbidden", f"{uri}: S3 denied access ({code})") from None
@@ -220,6 +223,21 @@ class S3Objects:
             raise ImageError("too_large", f"{uri} has more than {max_bytes} bytes (the cap)")
         etag = response.get("ETag")
         return data, etag.strip('"') if etag else None
+
+    def _not_as_listed(self, loc: Location, listed_etag: str) -> ImageError:
+        """Why a read on the listed ETag failed: the object changed, or is gone.
+
+        S3 answers a missing object with NoSuchKey whatever the condition;
+        some servers (SeaweedFS up to 4.44, seaweedfs/seaweedfs#10984) say
+        412 instead, so the HEAD tells the two apart.
+        """
+        head = self._unless_missing(
+            loc.uri, lambda: self.client.head_object(Bucket=loc.bucket, Key=loc.key)
+        )
+        if head is None:
+            return ImageError("not_found", f"{loc.uri} does not exist (deleted since listing)")
+        etag = head.get("ETag")
+        return ImageError.changed(loc.uri, listed_etag, etag.strip('"') if etag else None)
 
     def _unless_missing(self, uri: str, op: Callable[[], Any]) -> Any | None:
         """``op()``'s response, or None when the object or its bucket does not exist."""

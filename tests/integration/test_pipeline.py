@@ -157,6 +157,56 @@ def test_window_bounds_outstanding_batches(pipeline: Pipeline) -> None:
     assert 1 <= peak <= 3
 
 
+def test_an_object_changed_or_deleted_after_listing_is_not_labelled_as_listed(
+    pipeline: Pipeline,
+) -> None:
+    """Workers read the listed ETag (If-Match): what changed since is a `changed` line."""
+    p = pipeline
+    for i in range(6):
+        p.put(f"v/{i}.jpg", images.jpeg(32, 32, seed=i))
+    job = p.enqueue(f"s3://{p.bucket}/v/", f"s3://{p.bucket}/o/", "--batch-size", "4")
+    listed = {
+        o["Key"]: o["ETag"].strip('"') for o in p.s3.list_objects_v2(Bucket=p.bucket)["Contents"]
+    }
+    p.put("v/1.jpg", images.jpeg(32, 32, seed=100))  # overwritten after listing
+    p.s3.delete_object(Bucket=p.bucket, Key="v/4.jpg")  # deleted after listing
+    now = p.s3.head_object(Bucket=p.bucket, Key="v/1.jpg")["ETag"].strip('"')
+    p.start_worker()
+    p.wait_done(job["job_id"])
+    lines = {str(r["uri"]).rsplit("/", 1)[1]: r for r in _lines(p, f"o/{job['job_id']}/")}
+    assert sorted(lines) == [f"{i}.jpg" for i in range(6)]
+    assert lines["1.jpg"]["error"] == {
+        "kind": "changed",
+        "message": lines["1.jpg"]["error"]["message"],  # type: ignore[index]
+        "listed_etag": listed["v/1.jpg"],
+        "etag": now,
+    }
+    assert lines["4.jpg"]["error"]["kind"] == "not_found"  # type: ignore[index]
+    for name in ("0.jpg", "2.jpg", "3.jpg", "5.jpg"):
+        assert lines[name]["status"] == "ok" and lines[name]["etag"] == listed[f"v/{name}"]
+
+
+def test_a_message_without_etags_from_an_older_producer_is_still_served(
+    pipeline: Pipeline,
+) -> None:
+    from labelmill.queue import TASK, make_celery
+
+    p = pipeline
+    for i in range(3):
+        p.put(f"old/{i}.jpg", images.jpeg(16, 16, seed=i))
+    job = p.enqueue(f"s3://{p.bucket}/old/", f"s3://{p.bucket}/o/", "--batch-size", "3")
+    p.ledger.r.delete("classify")  # replaced by the message an older producer sends:
+    uris = [f"s3://{p.bucket}/old/{i}.jpg" for i in range(3)]
+    make_celery(p.settings).send_task(
+        TASK,
+        kwargs={"job_id": job["job_id"], "batch_no": 0, "uris": uris, "model_version": 1},
+        queue="classify",
+    )
+    p.start_worker()
+    status = p.wait_done(job["job_id"])
+    assert status["images"]["ok"] == 3
+
+
 def test_batch_delivered_twice_counts_once(pipeline: Pipeline) -> None:
     from labelmill.queue import make_celery, send_batch
 

@@ -39,6 +39,16 @@ def test_records_round_trip_and_are_deterministic() -> None:
     assert dumps_lines([from_dict(d) for d in back]) == data
 
 
+def test_a_changed_object_s_line_names_both_etags() -> None:
+    detail = {"listed_etag": "e1", "etag": "e2"}
+    rec = ErrorRecord("s3://b/x.jpg", "changed", "changed since listing", "j", 7, detail)
+    (line,) = loads_lines(dumps_lines([rec]))
+    assert line["error"] == {
+        "kind": "changed", "message": "changed since listing", "listed_etag": "e1", "etag": "e2",
+    }  # fmt: skip
+    assert from_dict(line) == rec
+
+
 def test_a_line_that_is_no_record_is_refused() -> None:
     with pytest.raises(ValueError, match="not a result record"):
         from_dict({"status": "ok", "uri": "s3://b/a.jpg"})

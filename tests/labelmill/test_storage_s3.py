@@ -192,3 +192,27 @@ def test_server_down_then_back(
         s.put(f"s3://{bucket}/y.jpg", b"y")
     server.start()  # same ports, same data
     assert s.get(f"s3://{bucket}/x.jpg", max_bytes=100)[0] == b"before"
+
+
+def test_a_read_on_the_listed_etag_tells_changed_and_deleted_objects_apart(s3_bucket: str) -> None:
+    s = storage()
+    for name in ("same", "changed", "deleted"):
+        s.put(f"s3://{s3_bucket}/cond/{name}.jpg", b"v1 " + name.encode())
+    listed = {o.uri.rsplit("/", 1)[1]: o for o in s.list(f"s3://{s3_bucket}/cond/")}
+    s.put(f"s3://{s3_bucket}/cond/changed.jpg", b"v2, overwritten after listing")
+    s.delete(f"s3://{s3_bucket}/cond/deleted.jpg")
+
+    same = listed["same.jpg"]
+    assert s.get(same.uri, max_bytes=1000, if_match=same.etag) == (b"v1 same", same.etag)
+
+    changed = listed["changed.jpg"]
+    with pytest.raises(ImageError) as caught:
+        s.get(changed.uri, max_bytes=1000, if_match=changed.etag)
+    now = hashlib.md5(b"v2, overwritten after listing").hexdigest()
+    assert caught.value.kind == "changed"
+    assert caught.value.detail == {"listed_etag": changed.etag, "etag": now}
+
+    deleted = listed["deleted.jpg"]
+    with pytest.raises(ImageError) as caught:
+        s.get(deleted.uri, max_bytes=1000, if_match=deleted.etag)
+    assert caught.value.kind == "not_found"

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from labelmill.job import Position
-from producer.listing import batch_uris, is_image_name, last_batch
+from labelmill.storage import ObjectInfo
+from producer.listing import batch_objects, is_image_name, last_batch
 
 
 @pytest.mark.parametrize(
@@ -41,16 +42,21 @@ def test_other_names_are_skipped(uri: str) -> None:
     assert not is_image_name(uri)
 
 
-def _objs(*names: str) -> list[str]:
-    return [f"s3://b/{n}" for n in names]
+def _objs(*names: str) -> list[ObjectInfo]:
+    return [ObjectInfo(f"s3://b/{n}", 1, f"etag-{n}") for n in names]
 
 
 def test_batches_group_images_and_count_skips() -> None:
     objs = _objs("a.jpg", "b.txt", "c.png", "d.jpg", "e/", "f.jpg", "g.txt")
-    out = list(batch_uris(objs, 2))
+    out = list(batch_objects(objs, 2))
     assert [b.uris for b in out] == [
         ["s3://b/a.jpg", "s3://b/c.png"],
         ["s3://b/d.jpg", "s3://b/f.jpg"],
+        [],
+    ]
+    assert [b.etags for b in out] == [
+        ["etag-a.jpg", "etag-c.png"],
+        ["etag-d.jpg", "etag-f.jpg"],
         [],
     ]
     assert [b.batch_no for b in out] == [0, 1, 2]
@@ -62,7 +68,7 @@ def test_batches_group_images_and_count_skips() -> None:
 
 def test_short_last_batch_and_resume_totals() -> None:
     out = list(
-        batch_uris(
+        batch_objects(
             _objs("x.jpg", "y.jpg", "z.jpg"),
             2,
             first_batch_no=5,
@@ -76,7 +82,7 @@ def test_short_last_batch_and_resume_totals() -> None:
 
 
 def test_empty_listing_has_only_a_tail() -> None:
-    out = list(batch_uris([], 4, last_key="s3://b/k"))
+    out = list(batch_objects([], 4, last_key="s3://b/k"))
     assert len(out) == 1 and out[0].batch_no == 0 and out[0].last_key == "s3://b/k"
 
 
@@ -90,5 +96,5 @@ def test_tail_totals_and_position() -> None:
         images_total=2,
         skipped={"not_image_name": 2},
     )
-    first = next(batch_uris(_objs("a.jpg", "b.jpg"), 2))
+    first = next(batch_objects(_objs("a.jpg", "b.jpg"), 2))
     assert first.position().batches_sent == 1

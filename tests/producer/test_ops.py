@@ -22,7 +22,7 @@ from labelmill.job.record import DEAD, ErrorRecord, Label, ModelInfo, OkRecord, 
 from labelmill.job.status import write_manifest
 from labelmill.queue import QUEUE, broker_client, make_celery, pending_batches, queued_tasks
 from labelmill.settings import Settings
-from labelmill.storage import Storage
+from labelmill.storage import ObjectInfo, Storage
 from labelmill.storage.s3 import S3Objects
 from labelmill.storage.uris import Location
 from producer import enqueue as enq
@@ -85,7 +85,7 @@ class Producer:
         return claimed
 
     def batch_uris(self, job_id: str, batch_no: int) -> list[str]:
-        listing = sorted(self.storage.list_uris(self.ledger.counts(job_id).spec.input))
+        listing = sorted(o.uri for o in self.storage.list(self.ledger.counts(job_id).spec.input))
         return listing[batch_no * BATCH : (batch_no + 1) * BATCH]
 
 
@@ -121,15 +121,15 @@ class ListingBreaksOnce(S3Objects):
         self.left: int | None = items
         self.opened: list[str | None] = []
 
-    def list_uris(self, prefix: Location, after: Location | None) -> Iterator[str]:
+    def list(self, prefix: Location, after: Location | None) -> Iterator[ObjectInfo]:
         self.opened.append(after.uri if after else None)
-        for uri in super().list_uris(prefix, after):
+        for info in super().list(prefix, after):
             if self.left == 0:
                 self.left = None
                 raise StorageUnavailable(f"{prefix.uri}: connection reset mid-listing")
             if self.left is not None:
                 self.left -= 1
-            yield uri
+            yield info
 
 
 def test_enqueue_waits_out_a_listing_that_breaks_and_resumes_it(

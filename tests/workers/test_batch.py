@@ -180,6 +180,41 @@ def test_too_many_deliveries_make_the_batch_dead(svc: Services) -> None:
     assert svc.model.calls == []  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(
+    ("job_id", "batch_no", "uris", "etags"),
+    [
+        ("../x", 0, [], None),
+        ("j", -1, [], None),
+        ("j", 0, "s3://src-bucket/p/a.jpg", None),
+        ("j", 0, ["s3://src-bucket/p/a.jpg"], ["e1", "e2"]),  # one ETag too many
+        ("j", 0, ["s3://src-bucket/p/a.jpg"], [7]),
+    ],
+)
+def test_a_malformed_message_is_refused_before_redis(
+    svc: Services, job_id: Any, batch_no: Any, uris: Any, etags: Any
+) -> None:
+    _job(svc)
+    out = run_batch(svc, job_id=job_id, batch_no=batch_no, uris=uris, etags=etags)
+    assert out.status == "skipped:malformed"
+    assert svc.ledger.attempts("j") == {}  # not even counted as a delivery
+
+
+def test_an_image_changed_since_listing_gets_a_changed_line(svc: Services) -> None:
+    _job(svc)
+    same = _put(svc, "same.jpg", images.jpeg(20, 20, seed=1))
+    changed = _put(svc, "changed.jpg", images.jpeg(20, 20, seed=2))
+    etags = {o.uri: o.etag for o in svc.storage.list("s3://src-bucket/p/")}
+    svc.storage.put(changed, images.jpeg(20, 20, seed=3))
+    out = run_batch(
+        svc, job_id="j", batch_no=0, uris=[same, changed], etags=[etags[same], etags[changed]]
+    )
+    assert out.status == "done" and out.errors == {"changed": 1}
+    ok, bad = _part(svc)
+    assert ok["status"] == "ok" and ok["etag"] == etags[same]
+    assert bad["error"]["kind"] == "changed"
+    assert bad["error"]["listed_etag"] == etags[changed] != bad["error"]["etag"]
+
+
 def test_cancelled_and_unknown_jobs_are_dropped(svc: Services) -> None:
     _job(svc)
     svc.ledger.mark_outstanding("j", 0)
