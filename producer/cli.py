@@ -29,7 +29,7 @@ from labelmill.errors import (
     ServiceError,
     UsageError,
 )
-from labelmill.job import Ledger
+from labelmill.job import Batch, Ledger
 from labelmill.job.folder import JobFolder
 from labelmill.job.status import is_valid_job_id, status_dict
 from labelmill.queue import make_celery
@@ -37,8 +37,8 @@ from labelmill.settings import Settings
 from labelmill.storage import Storage
 from producer import enqueue as enq
 from producer import ops
-from producer.listing import Batch
 from producer.results import format_records
+from producer.sending import Cancelled
 from producer.watch import exit_code, summary, watch_json, watch_live
 
 try:  # typer bundles its own click
@@ -320,7 +320,14 @@ def retry(
 ) -> None:
     """Re-run a job's dead batches and batches that have no part file."""
     e = env(ctx)
-    res = ops.retry(e.storage, e.ledger, e.celery, job_id, retry_budget_s=e.settings.retry_budget_s)
+    res = ops.retry(
+        e.storage,
+        e.ledger,
+        e.celery,
+        job_id,
+        max_outstanding=e.settings.max_outstanding,
+        retry_budget_s=e.settings.retry_budget_s,
+    )
     _print_resent(res, as_json)
 
 
@@ -341,6 +348,7 @@ def reconcile(
         e.celery,
         job_id,
         output=output,
+        max_outstanding=e.settings.max_outstanding,
         retry_budget_s=e.settings.retry_budget_s,
     )
     _print_resent(res, as_json)
@@ -401,7 +409,7 @@ def main() -> None:
         rv = app(standalone_mode=False)
         if isinstance(rv, int):
             sys.exit(rv)
-    except enq.Cancelled as exc:
+    except Cancelled as exc:
         err.print(f"producer: job {exc} was cancelled")
         sys.exit(EXIT_CANCELLED)
     except UsageError as exc:

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,20 +13,17 @@ from typing import Any
 from celery import Celery
 
 from labelmill import orphans
-from labelmill.errors import JobNotFound, LedgerUnavailable, ModelUnavailable, UsageError
-from labelmill.job import JobCounts, JobSpec, JobState, Ledger
+from labelmill.errors import JobNotFound, LedgerUnavailable, UsageError
+from labelmill.job import Batch, JobCounts, JobSpec, JobState, Ledger
 from labelmill.job.folder import JobFolder
+from labelmill.job.inputs import InputLog
 from labelmill.job.status import new_job_id, write_manifest
-from labelmill.queue import send_batch
 from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import Batch, batch_objects, last_batch, listed
+from producer.listing import batch_objects, last_batch, listed
+from producer.sending import Cancelled, Window, record_and_send
 
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """The job was cancelled while enqueuing."""
 
 
 @dataclass
@@ -80,40 +76,6 @@ def dry_run(
         resumed=False,
         dry_run=True,
     )
-
-
-def wait_for_room(
-    ledger: Ledger,
-    job_id: str,
-    max_outstanding: int,
-    *,
-    retry_budget_s: float,
-    poll_s: float = 0.2,
-) -> None:
-    """Block until fewer than ``max_outstanding`` of the job's batches are in flight.
-
-    Raise :class:`ModelUnavailable` when the window stays full for
-    ``retry_budget_s`` while the job still has no model version (no model
-    server ever served one), rather than wait for ever.
-    """
-    delay = poll_s
-    started = time.monotonic()
-    while True:
-        state, in_flight = patiently(lambda: ledger.window(job_id), retry_budget_s, "ledger")
-        if state == JobState.CANCELLED:
-            raise Cancelled(job_id)
-        if in_flight < max_outstanding:
-            return
-        waited = time.monotonic() - started
-        if waited > retry_budget_s and ledger.counts(job_id).spec.model_version is None:
-            raise ModelUnavailable(
-                f"no model version became AVAILABLE within {retry_budget_s:g}s; job {job_id} "
-                f"is left resumable ({in_flight} batches sent wait for one, then turn dead: "
-                f"`producer retry {job_id}`); the same `producer enqueue` with "
-                f"--job-id {job_id} sends the rest"
-            )
-        time.sleep(delay)
-        delay = min(delay * 1.5, 2.0)
 
 
 def enqueue(
@@ -240,96 +202,54 @@ def _send(
     progress: Progress | None,
     retry_budget_s: float,
 ) -> EnqueueResult:
-    """List from the recorded position and send the job's remaining batches."""
+    """Send what the input manifest holds but was not sent, then list on from its end."""
     job_id = spec.job_id
-    source, output = spec.input, spec.output
-    listing = listed(storage, source, after=counts.last_key or None, retry_budget_s=retry_budget_s)
-    sent = 0
-    tail: Batch | None = None
-    group: list[Batch] = []
-    group_size = _group_size(max_outstanding)
+    window = Window(ledger, app, spec, max_outstanding, retry_budget_s)
+    inputs = InputLog(JobFolder.of(storage, spec))
 
-    def send_group() -> None:
-        nonlocal sent
-        if not group:
-            return
-        # Room for the whole group at once: the window still holds.
-        wait_for_room(
-            ledger, job_id, max_outstanding - len(group) + 1, retry_budget_s=retry_budget_s
-        )
-        # Per group, the same order as per batch: every batch outstanding
-        # before its message exists (a fast worker cannot remove it before
-        # it is added), the position after all were sent, so a crash in
-        # between re-sends at most this group (harmless: batches are
-        # idempotent) rather than losing a batch.
-        patiently(
-            lambda: ledger.mark_outstanding(job_id, *(b.batch_no for b in group)),
-            retry_budget_s,
-            "ledger",
-        )
-        # One Redis round trip for the group's messages (kombu's publish batch).
-        with app.producer_or_acquire() as publisher, publisher.batch(max_size=len(group)):
-            for b in group:
-                send_batch(
-                    app,
-                    job_id=job_id,
-                    batch_no=b.batch_no,
-                    uris=b.uris,
-                    etags=b.etags,
-                    model_version=spec.model_version,
-                    producer=publisher,
-                )
-        sent += len(group)
+    def sent(group: list[Batch]) -> None:
         position = group[-1].position()
         patiently(lambda: ledger.record_enqueued(job_id, position), retry_budget_s, "ledger")
         if progress:
             for b in group:
                 progress(b)
-        group.clear()
 
-    for b in batch_objects(
-        listing,
-        spec.batch_size,
-        first_batch_no=counts.batches_sent,
-        listed=counts.listed,
-        skipped=Counter(counts.skipped),
-        last_key=counts.last_key,
-    ):
-        tail = b
-        if not b.uris:
-            break
-        group.append(b)
-        if len(group) >= group_size:
-            send_group()
-    send_group()
-    assert tail is not None
+    # A run that was interrupted may have recorded batches it never sent.
+    last = patiently(inputs.last, retry_budget_s, inputs.uri)
+    new = 0
+    if last is not None:
+        unsent = (b for b in inputs.batches(start=counts.batches_sent) if b.uris)
+        new = window.send(unsent, sent)
+    if last is not None and not last.uris:
+        tail = last  # the listing had ended
+    else:
+        after = last.position() if last is not None else None
+        listing = listed(
+            storage,
+            spec.input,
+            after=after.last_key if after else None,
+            retry_budget_s=retry_budget_s,
+        )
+        tail, more = record_and_send(
+            inputs, window, batch_objects(listing, spec.batch_size, start=after), sent
+        )
+        new += more
     claimed = patiently(
         lambda: ledger.finish_enqueue(job_id, tail.batch_no, tail.position()),
         retry_budget_s,
         "ledger",
     )
     if claimed:
-        patiently(lambda: write_manifest(storage, ledger, job_id), retry_budget_s, output)
+        patiently(lambda: write_manifest(storage, ledger, job_id), retry_budget_s, spec.output)
     counts = ledger.counts(job_id)
     return EnqueueResult(
         job_id=job_id,
         state=counts.state,
-        new_batches=sent,
+        new_batches=new,
         batches_total=tail.batch_no,
         images_total=tail.images,
         skipped=dict(tail.skipped),
         model_version=spec.model_version,
-        output=output,
+        output=spec.output,
         resumed=resumed,
     )
-
-
-# Batches sent per ledger update. Per batch, the producer would make four
-# Redis round trips (window, outstanding, message, position); per group it
-# makes four in all (one ZADD, one pipelined publish). Small windows keep
-# groups small so that the window still fills one batch at a time.
-GROUP_BATCHES = orphans.MAX_GROUP
-
-
-def _group_size(max_outstanding: int) -> int:
-    return max(1, min(GROUP_BATCHES, max_outstanding // 8))

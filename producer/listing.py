@@ -1,17 +1,18 @@
 """From a listing of objects to numbered batches of image URIs and their ETags.
 
-Batching is a pure function of the listing (lexicographic, as S3 lists), so
-the same prefix always gives the same batches: `retry` and `reconcile` rely on
-it to find the URIs of a batch whose part file is missing.
+Batching is a pure function of the listing (lexicographic, as S3 lists) and
+of where it starts: a resumed listing numbers on from a recorded position.
+What each batch held is recorded in the job's input manifest before it is
+sent (``labelmill.job.inputs``); `retry` and `reconcile` read it back there,
+since the prefix may list differently by then.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
-from labelmill.job import Position
+from labelmill.job import Batch, Position
 from labelmill.retry import resumable
 from labelmill.storage import ObjectInfo, ObjectStore
 
@@ -48,57 +49,27 @@ def listed(
     )
 
 
-@dataclass
-class Batch:
-    """One batch and where the listing stood when it was complete."""
-
-    batch_no: int
-    uris: list[str]
-    etags: list[str | None]  # what the listing saw, one per URI
-    listed: int  # objects listed so far, batch included
-    last_key: str  # the last URI listed so far
-    skipped: Counter[str] = field(default_factory=Counter)  # running totals
-
-    @property
-    def images(self) -> int:
-        """Image names listed so far, this batch included."""
-        return self.listed - sum(self.skipped.values())
-
-    def position(self) -> Position:
-        """Where the listing stands once this batch is sent (what a resume starts from)."""
-        return Position(
-            batches_sent=self.batch_no + 1 if self.uris else self.batch_no,
-            listed=self.listed,
-            last_key=self.last_key,
-            images_total=self.images,
-            skipped=dict(self.skipped),
-        )
-
-
 def batch_objects(
     objects: Iterable[ObjectInfo],
     batch_size: int,
     *,
-    first_batch_no: int = 0,
-    listed: int = 0,
-    skipped: Counter[str] | None = None,
-    last_key: str = "",
+    start: Position | None = None,
 ) -> Iterator[Batch]:
     """Group the listed images into batches of ``batch_size``; the last may be short.
 
     The final item is always a tail with no URIs (see below).
 
-    ``listed`` and ``skipped`` carry running totals over from a resumed listing.
-    Batches share one copy of the totals until they change (never mutate
-    ``Batch.skipped``).
+    ``start``: where a resumed listing stood; numbering and running totals
+    carry on from it. Batches share one copy of the totals until they
+    change (never mutate ``Batch.skipped``).
     """
-    skipped = Counter(skipped or {})
+    start = start or Position(batches_sent=0, listed=0, last_key="", images_total=0)
+    skipped = Counter(start.skipped)
     totals = Counter(skipped)  # the copy handed out with batches
     changed = False
     current: list[str] = []
     etags: list[str | None] = []
-    batch_no = first_batch_no
-    last = last_key
+    batch_no, listed, last = start.batches_sent, start.listed, start.last_key
     for obj in objects:
         uri = obj.uri
         listed += 1

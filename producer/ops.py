@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from celery import Celery
 
 from labelmill.errors import JobNotFound, UsageError
-from labelmill.job import JobSpec, Ledger
+from labelmill.job import Batch, JobSpec, Ledger
 from labelmill.job.folder import JobFolder
+from labelmill.job.inputs import InputLog
 from labelmill.job.record import Tally, tally
 from labelmill.job.status import write_manifest
-from labelmill.queue import broker_client, pending_batches, send_batch
+from labelmill.queue import broker_client, pending_batches
 from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import Batch, batch_objects, listed
+from producer.listing import batch_objects, listed
+from producer.sending import Window, record_and_send
 
 log = logging.getLogger(__name__)
 
@@ -40,49 +41,40 @@ class Resent:
         }
 
 
-def _resend(
-    storage: ObjectStore,
+def _window(
     ledger: Ledger,
     app: Celery,
     spec: JobSpec,
-    wanted: Callable[[int], bool],
+    folder: JobFolder,
     retry_budget_s: float,
-) -> tuple[list[int], Batch]:
-    """Re-list the input, send the batches ``wanted`` picks; return them and the tail."""
-    sent: list[int] = []
-    tail = None
-    listing = listed(storage, spec.input, retry_budget_s=retry_budget_s)
-    for tail in batch_objects(listing, spec.batch_size):
-        if tail.uris and wanted(tail.batch_no):
-            ledger.mark_outstanding(spec.job_id, tail.batch_no)
-            send_batch(
-                app,
-                job_id=spec.job_id,
-                batch_no=tail.batch_no,
-                uris=tail.uris,
-                etags=tail.etags,
-                model_version=spec.model_version,
-            )
-            sent.append(tail.batch_no)
-    assert tail is not None  # batch_objects always ends with a tail
-    return sent, tail
+    default: int,
+) -> Window:
+    """The job's own window: the ``max_outstanding`` it was enqueued with."""
+    options = patiently(folder.read_options, retry_budget_s, folder.uri)
+    return Window(ledger, app, spec, int(options.get("max_outstanding", default)), retry_budget_s)
 
 
 def retry(
-    storage: ObjectStore, ledger: Ledger, app: Celery, job_id: str, *, retry_budget_s: float
+    storage: ObjectStore,
+    ledger: Ledger,
+    app: Celery,
+    job_id: str,
+    *,
+    max_outstanding: int,
+    retry_budget_s: float,
 ) -> Resent:
-    """Re-run dead batches, and batches that have neither a part file nor a message."""
+    """Re-run dead batches, and batches that have neither a part file nor a message.
+
+    Each is sent with exactly the inputs it was first sent with (the input
+    manifest), inside the job's window.
+    """
     counts = ledger.counts(job_id)
     spec = counts.spec
     out = Resent(job_id)
     folder = JobFolder.of(storage, spec)
-    for batch_no in ledger.dead_batches(job_id):
-        uris = [r.uri for r in folder.part_records(folder.part_uri(batch_no))]
-        if uris and ledger.reopen_dead(job_id, batch_no, len(uris)):
-            send_batch(
-                app, job_id=job_id, batch_no=batch_no, uris=uris, model_version=spec.model_version
-            )
-            out.dead.append(batch_no)
+    window = _window(ledger, app, spec, folder, retry_budget_s, max_outstanding)
+    dead = set(ledger.dead_batches(job_id))
+    lost: set[int] = set()
     if counts.enqueue_complete and counts.batches_total:
         have = {no for no, _uri in folder.parts()}
         # Not the outstanding set: a batch whose message was lost stays in it.
@@ -92,10 +84,22 @@ def retry(
             for b in range(counts.batches_total)
             if b not in have and b not in queued and not ledger.is_done(job_id, b)
         }
-        if lost:
-            out.missing, _tail = _resend(
-                storage, ledger, app, spec, lost.__contains__, retry_budget_s
-            )
+    recorded = {b.batch_no: b for b in InputLog(folder).batches(wanted=dead | lost) if b.uris}
+    if missing := sorted((dead | lost) - recorded.keys()):
+        raise UsageError(
+            f"job {job_id}: batches {missing[:10]} are not in its input manifest; "
+            f"`producer reconcile {job_id}` rebuilds the job from storage"
+        )
+    # A dead batch is counted as done: reopening it widens the window, so
+    # each group is reopened once the window has room for all of it.
+    for group in window.groups(recorded[b] for b in sorted(dead)):
+        reopened = [b for b in group if ledger.reopen_dead(job_id, b.batch_no, len(b.uris))]
+        if reopened:
+            window.publish(reopened)
+            out.dead += [b.batch_no for b in reopened]
+    # A lost batch still counts as in flight: the window already holds its place.
+    window.send((recorded[b] for b in sorted(lost)), lambda group: None)
+    out.missing = sorted(lost)
     return out
 
 
@@ -106,12 +110,15 @@ def reconcile(
     job_id: str,
     *,
     output: str | None = None,
+    max_outstanding: int,
     retry_budget_s: float,
 ) -> Resent:
     """Rebuild the ledger from storage and send whatever has no part file.
 
-    Works after Redis lost everything: the job spec is read from
-    ``<output>/<job>/_job.json`` when the ledger no longer knows the job.
+    Works after Redis lost everything: the job is rebuilt from
+    ``<output>/<job>/_job.json``, its input manifest and its part files. A
+    batch without a part file is sent again with its recorded inputs; an
+    enqueue that was interrupted is resumed after the last recorded key.
     """
     try:
         spec = ledger.counts(job_id).spec
@@ -131,17 +138,41 @@ def reconcile(
         batch_no: tally(folder.part_records(uri)) for batch_no, uri in folder.parts()
     }
     versions = {v for t in done.values() for v in t.versions}
-
-    # Counters first, from the part files; then one pass over the listing that
-    # re-sends what has no part file; then the listing's totals, which also
-    # let the last batch to finish claim the manifest.
     if spec.model_version is None and versions:
         # The spec file predates the pin (the tier was at zero at enqueue);
         # the lines written so far carry it, and the rest must match them.
         spec = replace(spec, model_version=ledger.pin_model_version(job_id, min(versions)))
+    # Counters first, from the part files (batches sent: those done), then
+    # every recorded batch without a part file, counted as sent as it goes.
     ledger.reset_counts(job_id, done_batches=done)
-    sent, tail = _resend(storage, ledger, app, spec, lambda b: b not in done, retry_budget_s)
-    out = Resent(job_id, missing=sent)
+    window = _window(ledger, app, spec, folder, retry_budget_s, max_outstanding)
+    inputs = InputLog(folder)
+    out = Resent(job_id)
+
+    def counted(group: list[Batch]) -> None:
+        patiently(lambda: ledger.count_sent(job_id, len(group)), retry_budget_s, "ledger")
+        out.missing += [b.batch_no for b in group]
+
+    window.send((b for b in inputs.batches() if b.uris and b.batch_no not in done), counted)
+    tail = inputs.last()
+    if tail is None or tail.uris:
+        # The enqueue was interrupted: list on after the last recorded key.
+        after = tail.position() if tail is not None else None
+        listing = listed(
+            storage,
+            spec.input,
+            after=after.last_key if after else None,
+            retry_budget_s=retry_budget_s,
+        )
+
+        def recorded(group: list[Batch]) -> None:
+            position = group[-1].position()
+            patiently(lambda: ledger.record_enqueued(job_id, position), retry_budget_s, "ledger")
+            out.missing += [b.batch_no for b in group]
+
+        batches = batch_objects(listing, spec.batch_size, start=after)
+        tail, _sent = record_and_send(inputs, window, batches, recorded)
+    # The listing's totals, which also let the last batch to finish claim the manifest.
     if ledger.finish_enqueue(job_id, tail.batch_no, tail.position()):
         patiently(lambda: write_manifest(storage, ledger, job_id), retry_budget_s, spec.output)
         out.finished = True

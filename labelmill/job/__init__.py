@@ -4,6 +4,6 @@ Nothing outside this package names a key or field of the ledger.
 """
 
 from labelmill.job.ledger import Ledger
-from labelmill.job.model import BatchStart, JobCounts, JobSpec, JobState, Position
+from labelmill.job.model import Batch, BatchStart, JobCounts, JobSpec, JobState, Position
 
-__all__ = ["BatchStart", "JobCounts", "JobSpec", "JobState", "Ledger", "Position"]
+__all__ = ["Batch", "BatchStart", "JobCounts", "JobSpec", "JobState", "Ledger", "Position"]

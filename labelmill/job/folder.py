@@ -4,6 +4,9 @@
 
     _job.json                 the spec (and enqueue options), written at enqueue,
                               so that ``reconcile`` works after Redis lost the job
+    _inputs/NNNNNNNNN.jsonl   the input manifest: every batch's URIs and listed
+                              ETags, in chunks, each written before its batches
+                              are sent (``labelmill.job.inputs``)
     part-NNNNNNNNN.jsonl      one per batch: a result line per image
     _manifest.json            written once, when the last batch is counted
     _SUCCESS                  empty, after the manifest (Hadoop's convention)
@@ -49,7 +52,8 @@ class JobFolder:
     def of(cls, storage: ObjectStore, spec: JobSpec) -> JobFolder:
         return cls(storage, spec.output, spec.job_id)
 
-    def _put(self, name: str, body: bytes, content_type: str) -> None:
+    def put(self, name: str, body: bytes, content_type: str) -> None:
+        """Write ``<folder>/<name>``; never outside the output root."""
         self.storage.put(
             join_uri(self.uri, name), body, content_type=content_type, root=self.output
         )
@@ -57,18 +61,25 @@ class JobFolder:
     # -- the spec ------------------------------------------------------------
     def write_spec(self, spec: JobSpec, extra: Mapping[str, Any]) -> None:
         body = {"schema": SCHEMA, **spec.as_dict(), **extra}
-        self._put(SPEC_FILE, json.dumps(body, indent=2).encode() + b"\n", "application/json")
+        self.put(SPEC_FILE, json.dumps(body, indent=2).encode() + b"\n", "application/json")
 
     def read_spec(self) -> JobSpec | None:
         data = self.storage.read(join_uri(self.uri, SPEC_FILE))
         return JobSpec.from_dict(json.loads(data)) if data else None
+
+    def read_options(self) -> dict[str, Any]:
+        """The enqueue options beside the spec in ``_job.json`` (none if it is missing)."""
+        data = self.storage.read(join_uri(self.uri, SPEC_FILE))
+        body = json.loads(data) if data else {}
+        spec_keys = {"schema", *JobSpec.__dataclass_fields__}
+        return {k: v for k, v in body.items() if k not in spec_keys}
 
     # -- part files ------------------------------------------------------------
     def part_uri(self, batch_no: int) -> str:
         return join_uri(self.uri, part_name(batch_no))
 
     def write_part(self, batch_no: int, records: Sequence[Record]) -> None:
-        self._put(part_name(batch_no), dumps_lines(records), "application/x-ndjson")
+        self.put(part_name(batch_no), dumps_lines(records), "application/x-ndjson")
 
     def parts(self) -> Iterator[tuple[int, str]]:
         """(batch number, URI) of each part file, in batch order."""
@@ -105,5 +116,5 @@ class JobFolder:
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
         """``_manifest.json``, then ``_SUCCESS``."""
         body = json.dumps(manifest, indent=2).encode() + b"\n"
-        self._put(MANIFEST_FILE, body, "application/json")
-        self._put(SUCCESS_FILE, b"", "text/plain")
+        self.put(MANIFEST_FILE, body, "application/json")
+        self.put(SUCCESS_FILE, b"", "text/plain")

@@ -225,6 +225,11 @@ class Ledger:
         with _redis():
             self.r.hset(self.job_key(job_id), mapping=_fields(_position_fields(position)))
 
+    def count_sent(self, job_id: str, n: int) -> None:
+        """Count ``n`` more batches sent (``reconcile`` re-sends them out of order)."""
+        with _redis():
+            self.r.hincrby(self.job_key(job_id), "batches_sent", n)
+
     def finish_enqueue(self, job_id: str, batches_total: int, position: Position | None) -> bool:
         """Mark enqueuing complete; True if the job is already finished and ours to close."""
         fields = _position_fields(position) if position else {}
@@ -421,6 +426,8 @@ class Ledger:
             "images_ok": ok,
             "images_error": sum(errors.values()),
             "batches_done": len(done_batches),
+            # What is in flight is sent again and counted as it goes (count_sent).
+            "batches_sent": len(done_batches),
             "batches_dead": sum(1 for t in done_batches.values() if t.dead),
             **{f"{ERR}{k}": v for k, v in errors.items()},
             "state": JobState.RUNNING,

@@ -81,6 +81,33 @@ class Position:
     skipped: Mapping[str, int] = field(default_factory=dict)  # not images, by reason
 
 
+@dataclass
+class Batch:
+    """One batch and where the listing stood when it was complete."""
+
+    batch_no: int
+    uris: list[str]
+    etags: list[str | None]  # what the listing saw, one per URI
+    listed: int  # objects listed so far, batch included
+    last_key: str  # the last URI listed so far
+    skipped: Mapping[str, int] = field(default_factory=dict)  # running totals
+
+    @property
+    def images(self) -> int:
+        """Image names listed so far, this batch included."""
+        return self.listed - sum(self.skipped.values())
+
+    def position(self) -> Position:
+        """Where the listing stands once this batch is sent (what a resume starts from)."""
+        return Position(
+            batches_sent=self.batch_no + 1 if self.uris else self.batch_no,
+            listed=self.listed,
+            last_key=self.last_key,
+            images_total=self.images,
+            skipped=dict(self.skipped),
+        )
+
+
 @dataclass(frozen=True)
 class BatchStart:
     """What a worker needs to know when a batch is delivered."""

@@ -84,7 +84,7 @@ def read_output(p: Pipeline, output: str, job_id: str) -> JobOutput:
                 files[str(path.relative_to(root))] = path.read_bytes()
     out = JobOutput(files)
     for name, body in sorted(files.items()):
-        if name in JOB_FILES:
+        if name in JOB_FILES or name.startswith("_inputs/"):  # the input manifest
             continue
         assert name.startswith("part-") and name.endswith(".jsonl"), f"stray file {name!r}"
         batch_no = int(name[len("part-") : -len(".jsonl")])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from labelmill.queue import pending_batches
+from tests import images
 from tests.faults.faulty_model import FaultyModel
 from tests.faults.helpers import (
     check_job,
@@ -40,6 +43,7 @@ from tests.fixtures.stack import Pipeline
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 MakePipeline = Callable[..., Pipeline]
+PRODUCER = str(Path(sys.executable).parent / "producer")
 SHORT_VISIBILITY = {"LABELMILL_VISIBILITY_TIMEOUT_S": "15", "LABELMILL_RESTORE_INTERVAL_S": "1"}
 
 
@@ -298,6 +302,74 @@ def test_redis_lost_everything_reconcile_recovers(
     assert '"missing_batches_resent": [' in res.stdout
     p.wait_done(job_id, timeout=180)
     check_job(p, job_id, inputs, out)
+
+
+def test_the_bucket_changes_under_a_running_job_then_redis_loses_everything(
+    pipeline_factory: MakePipeline,
+    redis_server_factory: Callable[..., RedisServer],
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """Reconcile re-sends exactly what was listed, whatever the bucket holds by then."""
+    redis, p = _private_redis_pipeline(pipeline_factory, redis_server_factory, s3_server, s3_bucket)
+    inputs = put_many(p, tiny_photos("in/", 320))
+    out = f"s3://{p.bucket}/out/"
+    window = 6
+    producer = Proc(
+        [PRODUCER, "enqueue", f"s3://{p.bucket}/in/", "--output", out, "--job-id", "j-changes",
+         "--batch-size", "8", "--max-outstanding", str(window)],
+        log=tmp_path / "producer.log", env=p.env,
+    )  # fmt: skip
+    ledger = p.ledger
+    # No worker yet: the producer records all 40 batches, sends a window's worth and waits.
+    wait_until(
+        lambda: (
+            ledger.r.exists("labelmill:job:j-changes")
+            and ledger.counts("j-changes").batches_sent >= window
+        ),
+        timeout=60,
+        what="the first window sent",
+    )
+    # The bucket changes under the running job ...
+    deleted, overwritten = inputs[100:105], inputs[200:205]
+    for uri in deleted:
+        p.s3.delete_object(Bucket=p.bucket, Key=uri.split("/", 3)[3])
+    for i, uri in enumerate(overwritten):
+        p.put(uri.split("/", 3)[3], images.jpeg(24, 24, seed=1000 + i))
+    added = put_many(
+        p, {"in/000-first.jpg": images.jpeg(8, 8), "in/zzz-last.jpg": images.jpeg(8, 8)}
+    )
+    p.start_worker(concurrency=2)
+    wait_until(lambda: ledger.counts("j-changes").batches_done >= 3, timeout=60, what="progress")
+    # ... and Redis loses everything; the producer, its job gone, gives up.
+    redis.restart(keep_data=False, kill=True)
+    wait_until(lambda: not producer.alive(), timeout=120, what="the producer to give up")
+    assert producer.stop() != 0, producer.log_tail()
+    peak = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        r = p.ledger.r
+        while not stop.is_set():
+            peak = max(peak, int(r.llen("classify")) + int(r.hlen("unacked")))
+            stop.wait(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        res = json.loads(p.producer("reconcile", "j-changes", "--output", out, "--json").stdout)
+        p.wait_done("j-changes", timeout=180)
+    finally:
+        stop.set()
+        watcher.join()
+    assert res["missing_batches_resent"]
+    checked = check_job(p, "j-changes", inputs, out)  # the added objects have no line
+    assert not set(added) & checked.by_uri.keys()
+    assert {checked.by_uri[u]["error"]["kind"] for u in deleted} == {"not_found"}
+    assert {checked.by_uri[u]["error"]["kind"] for u in overwritten} == {"changed"}
+    assert peak <= window, f"Redis held {peak} messages, over the job's window of {window}"
 
 
 def test_s3_down_for_10s(

@@ -71,10 +71,8 @@ def test_short_last_batch_and_resume_totals() -> None:
         batch_objects(
             _objs("x.jpg", "y.jpg", "z.jpg"),
             2,
-            first_batch_no=5,
-            listed=10,
-            skipped={"not_image_name": 4},
-        )  # type: ignore[arg-type]
+            start=Position(5, 10, "s3://b/w.txt", 6, {"not_image_name": 4}),
+        )
     )
     assert [(b.batch_no, len(b.uris)) for b in out] == [(5, 2), (6, 1), (7, 0)]
     assert out[-1].listed == 13
@@ -82,7 +80,7 @@ def test_short_last_batch_and_resume_totals() -> None:
 
 
 def test_empty_listing_has_only_a_tail() -> None:
-    out = list(batch_objects([], 4, last_key="s3://b/k"))
+    out = list(batch_objects([], 4, start=Position(0, 0, "s3://b/k", 0)))
     assert len(out) == 1 and out[0].batch_no == 0 and out[0].last_key == "s3://b/k"
 
 

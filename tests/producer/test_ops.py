@@ -16,8 +16,9 @@ import pytest
 from celery import Celery
 
 from labelmill.errors import StorageUnavailable
-from labelmill.job import JobState, Ledger
+from labelmill.job import JobSpec, JobState, Ledger
 from labelmill.job.folder import JobFolder
+from labelmill.job.inputs import InputLog
 from labelmill.job.record import DEAD, ErrorRecord, Label, ModelInfo, OkRecord, Record, tally
 from labelmill.job.status import write_manifest
 from labelmill.queue import QUEUE, broker_client, make_celery, pending_batches, queued_tasks
@@ -27,6 +28,7 @@ from labelmill.storage.s3 import S3Objects
 from labelmill.storage.uris import Location
 from producer import enqueue as enq
 from producer import ops
+from producer.listing import batch_objects
 from producer.watch import watch_json
 from tests import images
 
@@ -60,6 +62,16 @@ class Producer:
             model_name="inception",
             resolve_version=lambda: 1,
             job_id=job_id,
+            retry_budget_s=BUDGET_S,
+        )
+
+    def retry(self, job_id: str) -> ops.Resent:
+        return ops.retry(
+            self.storage,
+            self.ledger,
+            self.app,
+            job_id,
+            max_outstanding=100,
             retry_budget_s=BUDGET_S,
         )
 
@@ -119,10 +131,10 @@ class ListingBreaksOnce(S3Objects):
     def __init__(self, settings: Settings, items: int) -> None:
         super().__init__(settings, None)
         self.left: int | None = items
-        self.opened: list[str | None] = []
+        self.opened: list[tuple[str, str | None]] = []  # (prefix, after) of each listing
 
     def list(self, prefix: Location, after: Location | None) -> Iterator[ObjectInfo]:
-        self.opened.append(after.uri if after else None)
+        self.opened.append((prefix.uri, after.uri if after else None))
         for info in super().list(prefix, after):
             if self.left == 0:
                 self.left = None
@@ -141,7 +153,8 @@ def test_enqueue_waits_out_a_listing_that_breaks_and_resumes_it(
     result = p.enqueue(8)
     assert (result.batches_total, result.images_total) == (3, 8)
     inputs = f"s3://{p.bucket}/in/"
-    assert flaky.opened == [None, f"{inputs}img-003.jpg"]  # resumed after the 4th URI
+    openings = [after for prefix, after in flaky.opened if prefix == inputs]
+    assert openings == [None, f"{inputs}img-003.jpg"]  # resumed after the 4th URI
     sent = sorted((t["batch_no"], t["uris"]) for t in queued_tasks(broker_client(p.app)))
     assert [b for b, _uris in sent] == [0, 1, 2]
     assert [u for _b, uris in sent for u in uris] == [f"{inputs}img-{i:03d}.jpg" for i in range(8)]
@@ -154,13 +167,18 @@ def test_retry_reruns_a_dead_batch_once_and_undoes_its_counts(producer: Producer
     p.finish("j-ops", 0)
     p.finish("j-ops", 1, dead=True)
     assert p.ledger.counts("j-ops").state == JobState.DONE  # dead batches end a job too
-    res = ops.retry(p.storage, p.ledger, p.app, "j-ops", retry_budget_s=BUDGET_S)
+    res = p.retry("j-ops")
     assert (res.dead, res.missing) == ([1], [])
     counts = p.ledger.counts("j-ops")
     assert (counts.state, counts.batches_done, counts.batches_dead) == (JobState.RUNNING, 1, 0)
     assert counts.images_error == 0 and p.queued("j-ops") == {1}
     # A second retry finds nothing dead: the batch is sent once.
-    assert ops.retry(p.storage, p.ledger, p.app, "j-ops", retry_budget_s=BUDGET_S).dead == []
+    assert (
+        ops.retry(
+            p.storage, p.ledger, p.app, "j-ops", max_outstanding=100, retry_budget_s=BUDGET_S
+        ).dead
+        == []
+    )
     assert p.finish("j-ops", 1)  # now it succeeds and closes the job
     assert p.ledger.counts("j-ops").state == JobState.DONE
 
@@ -173,11 +191,16 @@ def test_retry_resends_lost_messages_and_nothing_else(producer: Producer) -> Non
     # workers that died before kombu recorded them as unacknowledged).
     broker_client(p.app).delete(QUEUE)
     assert p.queued("j-ops") == set()
-    res = ops.retry(p.storage, p.ledger, p.app, "j-ops", retry_budget_s=BUDGET_S)
+    res = p.retry("j-ops")
     assert (res.dead, res.missing) == ([], [1, 2])
     assert p.queued("j-ops") == {1, 2}
     # Queued now: a second retry sends nothing.
-    assert ops.retry(p.storage, p.ledger, p.app, "j-ops", retry_budget_s=BUDGET_S).missing == []
+    assert (
+        ops.retry(
+            p.storage, p.ledger, p.app, "j-ops", max_outstanding=100, retry_budget_s=BUDGET_S
+        ).missing
+        == []
+    )
 
 
 def test_reconcile_rebuilds_a_job_redis_lost_from_its_folder(producer: Producer) -> None:
@@ -188,7 +211,13 @@ def test_reconcile_rebuilds_a_job_redis_lost_from_its_folder(producer: Producer)
     p.finish("j-ops", 2)
     p.ledger.r.flushdb()  # Redis lost everything: the job, the queue
     res = ops.reconcile(
-        p.storage, p.ledger, p.app, "j-ops", output=spec.output, retry_budget_s=BUDGET_S
+        p.storage,
+        p.ledger,
+        p.app,
+        "j-ops",
+        output=spec.output,
+        max_outstanding=100,
+        retry_budget_s=BUDGET_S,
     )
     assert (res.missing, res.finished) == ([1], False)
     counts = p.ledger.counts("j-ops")
@@ -209,3 +238,51 @@ def test_watch_prints_status_lines_until_the_job_ends(producer: Producer) -> Non
     last = watch_json(p.ledger, "j-ops", interval_s=0.05, emit=lines.append, timeout_s=30)
     assert last["state"] == JobState.DONE and last["images"]["ok"] == 3
     assert json.loads(lines[-1]) == last
+
+
+def test_retry_resends_exactly_what_was_sent_after_the_bucket_changed(producer: Producer) -> None:
+    p = producer
+    p.enqueue(9)  # batches of img-000..002, 003..005, 006..008
+    first = {t["batch_no"]: (t["uris"], t["etags"]) for t in queued_tasks(broker_client(p.app))}
+    broker_client(p.app).delete(QUEUE)  # every message lost
+    # New objects that sort among the old ones, and one deleted: a fresh listing differs.
+    p.storage.put(f"s3://{p.bucket}/in/img-000a.jpg", images.jpeg(8, 8, seed=50), root=None)
+    p.storage.delete(f"s3://{p.bucket}/in/img-004.jpg")
+    res = p.retry("j-ops")
+    assert res.missing == [0, 1, 2]
+    again = {t["batch_no"]: (t["uris"], t["etags"]) for t in queued_tasks(broker_client(p.app))}
+    assert again == first
+
+
+def test_reconcile_resumes_an_interrupted_enqueue_after_the_last_recorded_key(
+    producer: Producer,
+) -> None:
+    """The producer died after recording (and sending) batch 0 only; Redis is gone too."""
+    p = producer
+    for i in range(9):
+        p.storage.put(f"s3://{p.bucket}/in/img-{i:03d}.jpg", images.jpeg(8, 8, seed=i), root=None)
+    spec = JobSpec(
+        "j-cut", f"s3://{p.bucket}/in/", f"s3://{p.bucket}/out/", BATCH, "inception", 1, 1.0
+    )
+    folder = JobFolder.of(p.storage, spec)
+    folder.write_spec(spec, {"max_outstanding": 100})
+    listing = list(p.storage.list(spec.input))
+    (batch0,) = [b for b in batch_objects(listing[:3], BATCH) if b.uris]
+    InputLog(folder).write([batch0])
+    # Since then: one object that sorts before the recorded key, one after it.
+    p.storage.put(f"s3://{p.bucket}/in/img-001b.jpg", images.jpeg(8, 8, seed=70), root=None)
+    p.storage.put(f"s3://{p.bucket}/in/img-009.jpg", images.jpeg(8, 8, seed=9), root=None)
+    res = ops.reconcile(
+        p.storage, p.ledger, p.app, "j-cut", output=spec.output,
+        max_outstanding=100, retry_budget_s=BUDGET_S,
+    )  # fmt: skip
+    assert res.missing == [0, 1, 2, 3]
+    sent = {t["batch_no"]: t["uris"] for t in queued_tasks(broker_client(p.app))}
+    inputs = f"s3://{p.bucket}/in/"
+    assert sent[0] == batch0.uris  # as recorded, img-001b left out
+    assert [u for b in (1, 2, 3) for u in sent[b]] == [
+        f"{inputs}img-{i:03d}.jpg" for i in range(3, 10)
+    ]
+    counts = p.ledger.counts("j-cut")
+    assert (counts.enqueue_complete, counts.batches_total, counts.images_total) == (True, 4, 10)
+    assert [b.batch_no for b in InputLog(folder).batches()] == [0, 1, 2, 3, 4]  # the tail too
