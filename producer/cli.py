@@ -71,7 +71,7 @@ class Env:
     @cached_property
     def ledger(self) -> Ledger:
         s = self.settings
-        return Ledger.from_url(s.redis_url, prefix=s.key_prefix, ttl_s=s.ledger_ttl_s)
+        return Ledger.from_settings(s)
 
     @cached_property
     def celery(self) -> Celery:

@@ -49,7 +49,7 @@ class ProcessServices:
                 self._services = Services(
                     settings=s,
                     storage=Storage(s),
-                    ledger=Ledger.from_url(s.redis_url, prefix=s.key_prefix, ttl_s=s.ledger_ttl_s),
+                    ledger=Ledger.from_settings(s),
                     model=ModelClient(s.model_server, s.model_name, timeout_s=s.model_timeout_s),
                     memory=process_budget(s.memory_budget_mb, self.pool_processes),
                 )

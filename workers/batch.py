@@ -119,6 +119,10 @@ def run_batch(
         return Outcome(f"skipped:{why}", attempt=start.attempt)
     if start.already_done:
         log.info("job %s batch %d: already done (redelivery); nothing to do", job_id, batch_no)
+        # Unless the job is complete and whoever claimed its manifest died
+        # before writing it: then this delivery writes it.
+        if retry(lambda: svc.ledger.take_over_manifest(job_id), deadline=deadline, what="ledger"):
+            _write_manifest(svc, job_id, deadline)
         return Outcome("skipped:already-done", attempt=start.attempt)
 
     metrics.record_delivery(start.attempt)
@@ -174,13 +178,7 @@ def run_batch(
             on_retry=_count_retry("ledger"),
         )
     if claimed:
-        retry(
-            lambda: write_manifest(svc.storage, svc.ledger, job_id),
-            deadline=deadline,
-            record=True,
-            what=f"manifest of {job_id}",
-        )
-        log.info("job %s complete: manifest written", job_id)
+        _write_manifest(svc, job_id, deadline)
     ms = (time.perf_counter() - t0) * 1000
     metrics.record_batch(
         ok=ok, errors=errors, seconds=ms / 1000, status="dead" if dead_reason else "done"
@@ -205,6 +203,16 @@ def run_batch(
         attempt=start.attempt,
         finished_job=claimed,
     )
+
+
+def _write_manifest(svc: Services, job_id: str, deadline: Deadline) -> None:
+    retry(
+        lambda: write_manifest(svc.storage, svc.ledger, job_id),
+        deadline=deadline,
+        record=True,
+        what=f"manifest of {job_id}",
+    )
+    log.info("job %s complete: manifest written", job_id)
 
 
 def _pin_version(svc: Services, spec: JobSpec, deadline: Deadline) -> int:

@@ -114,28 +114,40 @@ def _ready(settings: Settings) -> None:
         except OSError as exc:  # port taken: run without metrics rather than not at all
             log.error("metrics endpoint on :%d: %s", settings.metrics_port, exc)
     start_visibility_refresher(settings.redis_url, settings.visibility_timeout_s)
-    start_orphan_sweeper(settings.redis_url, settings.key_prefix)
+    start_sweeper(settings)
 
 
-def start_orphan_sweeper(redis_url: str, key_prefix: str) -> None:
-    """Each lease period, drop what dead producers marked but never sent (labelmill/orphans)."""
+def start_sweeper(settings: Settings) -> None:
+    """Each lease period, clean up after the dead, in a thread of the main process.
+
+    Drop what dead producers marked but never sent (labelmill/orphans.py),
+    and write the manifest of a complete job whose claimant died before it
+    did (``labelmill.job.status.close_abandoned``).
+    """
     import threading
 
     import redis
 
     from labelmill.errors import LabelmillError
     from labelmill.job import Ledger
+    from labelmill.job.status import close_abandoned
     from labelmill.orphans import LEASE_S, drop_orphans
+    from labelmill.storage import Storage
 
-    ledger = Ledger.from_url(redis_url, prefix=key_prefix)
-    broker = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=10)
+    ledger = Ledger.from_settings(settings)
+    storage = Storage(settings)
+    broker = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10)
 
     def loop() -> None:
         while True:
             try:
                 drop_orphans(ledger, broker)
-            except (LabelmillError, redis.RedisError) as exc:  # Redis down: next round
-                log.warning("orphan sweep: %s", exc)
+                for job_id in close_abandoned(storage, ledger):
+                    log.warning(
+                        "job %s: its manifest was claimed, not written; written now", job_id
+                    )
+            except (LabelmillError, redis.RedisError) as exc:  # Redis or S3 down: next round
+                log.warning("sweep: %s", exc)
             time.sleep(LEASE_S)
 
     threading.Thread(target=loop, name="orphans", daemon=True).start()

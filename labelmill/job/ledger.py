@@ -35,7 +35,8 @@ from redis.retry import Retry
 from labelmill.errors import JobNotFound, LedgerUnavailable
 from labelmill.job.model import BatchStart, JobCounts, JobSpec, JobState, Position
 from labelmill.job.record import Tally
-from labelmill.job.scripts import COMPLETE, FINISH_ENQUEUE, REOPEN_DEAD
+from labelmill.job.scripts import COMPLETE, FINISH_ENQUEUE, REOPEN_DEAD, TAKE_OVER
+from labelmill.settings import Settings
 
 # The job hash's counters that hold a tally by kind: "skip:<reason>" for
 # objects that are no image, "err:<kind>" for images that failed.
@@ -83,6 +84,11 @@ def _redis() -> Iterator[None]:
         raise LedgerUnavailable(f"Redis: {type(exc).__name__}: {exc}") from None
 
 
+# How long a claim on a job's manifest holds before another worker (the
+# sweep, or a redelivery) may take it over: its holder is presumed dead.
+MANIFEST_LEASE_S = 60.0
+
+
 class Ledger:
     """All of labelmill's Redis state for jobs, behind one small interface.
 
@@ -90,16 +96,32 @@ class Ledger:
     scripts beside it). ``r`` is the client, for tests that look underneath.
     """
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "labelmill", ttl_s: int = 604800):
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "labelmill",
+        ttl_s: int = 604800,
+        lease_s: float = MANIFEST_LEASE_S,
+    ):
         self.r = client
         self.p = prefix
         self.ttl_s = ttl_s
+        self.lease_s = lease_s  # how long a claim on a job's manifest holds
         self._complete = self.r.register_script(COMPLETE)
         self._finish_enqueue = self.r.register_script(FINISH_ENQUEUE)
+        self._take_over = self.r.register_script(TAKE_OVER)
         self._reopen_dead = self.r.register_script(REOPEN_DEAD)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "labelmill", ttl_s: int = 604800) -> Ledger:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "labelmill",
+        ttl_s: int = 604800,
+        lease_s: float = MANIFEST_LEASE_S,
+    ) -> Ledger:
         client = redis.Redis.from_url(
             url,
             decode_responses=True,
@@ -110,7 +132,14 @@ class Ledger:
             # (redis-py would otherwise retry three times on its own).
             retry=Retry(NoBackoff(), 0),
         )
-        return cls(client, prefix=prefix, ttl_s=ttl_s)
+        return cls(client, prefix=prefix, ttl_s=ttl_s, lease_s=lease_s)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Ledger:
+        """The ledger as configured: a manifest claim lapses like a held message."""
+        return cls.from_url(
+            s.redis_url, prefix=s.key_prefix, ttl_s=s.ledger_ttl_s, lease_s=s.visibility_timeout_s
+        )
 
     # -- keys --------------------------------------------------------------
     def keys(self, job_id: str) -> JobKeys:
@@ -123,6 +152,11 @@ class Ledger:
     @property
     def outstanding_key(self) -> str:
         return f"{self.p}:outstanding"
+
+    @property
+    def closing_key(self) -> str:
+        """Jobs whose manifest is claimed, scored by when the claim lapses."""
+        return f"{self.p}:closing"
 
     @property
     def producers_key(self) -> str:
@@ -235,9 +269,27 @@ class Ledger:
         fields = _position_fields(position) if position else {}
         with _redis():
             claimed = self._finish_enqueue(
-                keys=[self.job_key(job_id)], args=[batches_total, json.dumps(fields)]
+                keys=[self.job_key(job_id), self.closing_key],
+                args=[batches_total, json.dumps(fields), uuid.uuid4().hex, job_id, self.lease_s],
             )
         return bool(claimed)
+
+    def take_over_manifest(self, job_id: str) -> bool:
+        """Claim a complete job's manifest whose claim lapsed (its holder died); True if ours."""
+        with _redis():
+            return bool(
+                self._take_over(
+                    keys=[self.job_key(job_id), self.closing_key],
+                    args=[uuid.uuid4().hex, job_id, self.lease_s],
+                )
+            )
+
+    def lapsed_claims(self) -> list[str]:
+        """Jobs whose manifest claim lapsed before its holder wrote the manifest."""
+        with _redis():
+            seconds, micros = self.r.time()
+            now = seconds + micros / 1e6
+            return [str(j) for j in self.r.zrangebyscore(self.closing_key, "-inf", now)]
 
     def window(self, job_id: str) -> tuple[JobState, int]:
         """The job's state and how many of its batches are queued or running."""
@@ -287,7 +339,7 @@ class Ledger:
         keys = self.keys(job_id)
         with _redis():
             counted, claimed = self._complete(
-                keys=[keys.job, keys.done, keys.outstanding, keys.dead],
+                keys=[keys.job, keys.done, keys.outstanding, keys.dead, self.closing_key],
                 args=[
                     batch_no,
                     self.member(job_id, batch_no),
@@ -297,6 +349,8 @@ class Ledger:
                     json.dumps(dict(tally.errors)) if tally.errors else "{}",
                     token,
                     tally.weights or "",
+                    job_id,
+                    self.lease_s,
                 ],
             )
         return bool(counted), bool(claimed)
@@ -309,7 +363,9 @@ class Ledger:
         """The manifest is written: the job is done; its keys now expire."""
         keys = self.keys(job_id)
         pipe = self.r.pipeline()
-        pipe.hset(keys.job, mapping={"state": JobState.DONE, "finished_at": time.time()})
+        pipe.hset(keys.job, "state", JobState.DONE)
+        pipe.hsetnx(keys.job, "finished_at", time.time())  # set by the claim, normally
+        pipe.zrem(self.closing_key, job_id)
         for k in (keys.job, keys.done, keys.dead, keys.attempts):
             pipe.expire(k, self.ttl_s)
         with _redis():
@@ -396,8 +452,8 @@ class Ledger:
         with _redis():
             return bool(
                 self._reopen_dead(
-                    keys=list(self.keys(job_id)),
-                    args=[batch_no, self.member(job_id, batch_no), n_images, time.time()],
+                    keys=[*self.keys(job_id), self.closing_key],
+                    args=[batch_no, self.member(job_id, batch_no), n_images, time.time(), job_id],
                 )
             )
 
@@ -433,6 +489,7 @@ class Ledger:
             "state": JobState.RUNNING,
         }
         pipe.hset(keys.job, mapping=_fields(mapping))
-        pipe.hdel(keys.job, "manifest_claim", "finished_at")
+        pipe.hdel(keys.job, "manifest_claim", "manifest_until", "finished_at")
+        pipe.zrem(self.closing_key, job_id)
         with _redis():
             pipe.execute()

@@ -91,9 +91,12 @@ def _iso(ts: float | None) -> str | None:
 
 def manifest_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
     """The job's ``_manifest.json``: spec, counts, model, times, throughput."""
-    now = now or time.time()
-    status = status_dict(counts, now)
-    elapsed = now - counts.created_at
+    # The time the job was complete, as the ledger recorded it when the
+    # manifest was first claimed: whoever writes the manifest, and however
+    # often, it has the same bytes.
+    finished = counts.finished_at or now or time.time()
+    status = status_dict(counts, finished)
+    elapsed = finished - counts.created_at
     return {
         "schema": SCHEMA,
         "job_id": counts.spec.job_id,
@@ -105,7 +108,7 @@ def manifest_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]
         "dead_batches": None,  # filled by write_manifest
         "model": status["model"],
         "started_at": _iso(counts.created_at),
-        "finished_at": _iso(now),
+        "finished_at": _iso(finished),
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round((counts.images_ok + counts.images_error) / max(elapsed, 1e-9), 2),
     }
@@ -119,3 +122,18 @@ def write_manifest(storage: ObjectStore, ledger: Ledger, job_id: str) -> dict[st
     JobFolder.of(storage, counts.spec).write_manifest(manifest)
     ledger.mark_done(job_id)
     return manifest
+
+
+def close_abandoned(storage: ObjectStore, ledger: Ledger) -> list[str]:
+    """Write the manifest of each complete job whose claim lapsed; return their ids.
+
+    The claim's holder died or gave up between claiming and writing (the
+    workers' periodic sweep calls this), so that no job stays ``running``
+    with nothing left to do.
+    """
+    closed = []
+    for job_id in ledger.lapsed_claims():
+        if ledger.take_over_manifest(job_id):
+            write_manifest(storage, ledger, job_id)
+            closed.append(job_id)
+    return closed

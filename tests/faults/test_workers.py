@@ -274,3 +274,30 @@ def test_manifest_written_once_when_workers_race_on_the_last_batch(pipeline: Pip
     # Both workers took part, and redeliveries were noticed as such.
     assert all(f"job={job_id}" in log_text(w) for w in workers)
     assert sum(log_text(w).count("already done (redelivery)") for w in workers) >= 1
+
+
+def test_a_worker_killed_holding_the_manifest_claim_does_not_strand_the_job(
+    pipeline_factory: MakePipeline,
+    redis_url: str,
+    s3_server: Any,
+    s3_bucket: str,
+) -> None:
+    # A short visibility timeout: it is also how long a manifest claim holds.
+    short = {"LABELMILL_VISIBILITY_TIMEOUT_S": "10", "LABELMILL_RESTORE_INTERVAL_S": "1"}
+    p = pipeline_factory(redis_url=redis_url, s3=s3_server, bucket=s3_bucket, env=short)
+    inputs = put_many(p, tiny_photos("in/", 16))
+    out = f"s3://{p.bucket}/out/"
+    job_id = p.enqueue(f"s3://{p.bucket}/in/", out, "--batch-size", "8")["job_id"]
+    doomed = p.start_worker(concurrency=1, app="tests.faults.manifest_crash_worker")
+    wait_until(lambda: not doomed.alive(), timeout=60, what="the claimant to die")
+    counts = p.ledger.counts(job_id)
+    # Every batch done, nothing outstanding, no manifest: what a dead claimant leaves.
+    assert (counts.state, counts.batches_done) == ("running", counts.batches_total)
+    assert not list(p.ledger.outstanding_batches(job_id))
+    # A read-only command sees that and changes nothing.
+    status = json.loads(p.producer("status", job_id, "--json").stdout)
+    assert status["state"] == "running"
+    p.start_worker(concurrency=1, name="w1")
+    p.wait_done(job_id, timeout=120)
+    check_job(p, job_id, inputs, out)
+    assert "manifest written" in log_text(p.workers[-1])

@@ -12,6 +12,9 @@ import pytest
 from labelmill.errors import JobNotFound, LedgerUnavailable
 from labelmill.job import JobSpec, JobState, Ledger, Position
 from labelmill.job.record import Tally
+from labelmill.job.status import write_manifest
+from tests.fixtures.procs import wait_until
+from tests.memory_storage import memory_storage
 
 pytestmark = pytest.mark.integration
 
@@ -185,3 +188,37 @@ def test_the_first_pin_wins_for_the_whole_job(ledger: Ledger) -> None:
 def test_a_version_given_at_enqueue_is_the_pin(ledger: Ledger) -> None:
     ledger.create_job(_spec())
     assert ledger.pin_model_version("j1", 7) == 2
+
+
+def test_a_manifest_claim_is_a_lease_another_may_take_over_once_it_lapses(redis_url: str) -> None:
+    held = Ledger.from_url(redis_url, prefix="t", ttl_s=120, lease_s=60)
+    brief = Ledger.from_url(redis_url, prefix="t", ttl_s=120, lease_s=0.05)
+    held.create_job(_spec())
+    held.finish_enqueue("j1", 1, None)
+    assert held.take_over_manifest("j1") is False  # not complete: nothing to claim
+    assert held.complete_batch("j1", 0, _t(1)) == (True, True)
+    finished_at = held.counts("j1").finished_at
+    # Its holder is presumed alive for the whole lease: nobody takes it over.
+    assert held.lapsed_claims() == [] and held.take_over_manifest("j1") is False
+    # A claim with a short lease lapses (the same job, claimed again after a reset).
+    held.reset_counts("j1", done_batches={0: _t(1)})
+    assert held.counts("j1").finished_at is None
+    assert brief.finish_enqueue("j1", 1, None) is True
+    wait_until(lambda: brief.lapsed_claims() == ["j1"], timeout=10, what="the lease to lapse")
+    assert held.take_over_manifest("j1") is True
+    assert held.take_over_manifest("j1") is False  # now held again, for 60 s
+    assert held.counts("j1").finished_at is not None
+    held.mark_done("j1")
+    assert held.lapsed_claims() == [] and held.take_over_manifest("j1") is False
+    assert finished_at is not None
+
+
+def test_the_manifest_has_the_same_bytes_whoever_writes_it_and_when(ledger: Ledger) -> None:
+    storage, objects = memory_storage()
+    ledger.create_job(_spec())
+    ledger.finish_enqueue("j1", 1, Position(1, 5, "s3://in/p/e.jpg", 4, {"not_image_name": 1}))
+    assert ledger.complete_batch("j1", 0, _t(3, decode=1)) == (True, True)
+    write_manifest(storage, ledger, "j1")
+    first = objects.objects["s3://out/l/j1/_manifest.json"]
+    write_manifest(storage, ledger, "j1")  # a second writer, later, the job already done
+    assert objects.objects["s3://out/l/j1/_manifest.json"] == first
