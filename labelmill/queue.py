@@ -21,6 +21,36 @@ from labelmill.settings import Settings
 QUEUE = "classify"
 TASK = "workers.classify_batch"
 
+# Jobs share the queue fairly by priority. kombu's Redis transport keeps one
+# list per priority step (kombu/transport/redis.py: PRIORITY_STEPS = [0, 3, 6,
+# 9], Channel._q_for_pri names them "classify", "classify\x06\x163", ...) and a
+# worker's BRPOP names them in that order (Channel._brpop_start), so a message
+# of a lower step is taken first, FIFO within a step. A job's first batches
+# get step 0, its later ones ever lower steps (_PRIORITY_FROM): a job enqueued
+# behind a long one starts within a few batches and, if short, ends long
+# before it; two long jobs share the workers in the order they were sent.
+PRIORITY_STEPS = (0, 3, 6, 9)
+_PRIORITY_FROM = ((512, 9), (64, 6), (8, 3))  # (first batch number, step)
+_SEP = "\x06\x16"  # kombu's Channel.sep
+
+
+def batch_priority(batch_no: int) -> int:
+    """The priority step of a job's batch ``batch_no`` (0 is served first)."""
+    return next((step for first, step in _PRIORITY_FROM if batch_no >= first), 0)
+
+
+def queue_lists() -> list[str]:
+    """The Redis lists that hold the queue, one per priority step, served in this order."""
+    return [QUEUE if step == 0 else f"{QUEUE}{_SEP}{step}" for step in PRIORITY_STEPS]
+
+
+def queued_count(client: redis.Redis) -> int:
+    """Messages waiting in the queue, every priority step together."""
+    pipe = client.pipeline(transaction=False)
+    for name in queue_lists():
+        pipe.llen(name)
+    return sum(int(n) for n in pipe.execute())
+
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app configured for at-least-once delivery with idempotent effects."""
@@ -107,6 +137,7 @@ def send_batch(
             **({"etags": list(etags)} if etags is not None else {}),
         },
         queue=QUEUE,
+        priority=batch_priority(batch_no),
         producer=producer,
         argsrepr="()",
         kwargsrepr=repr(summary),
@@ -142,17 +173,18 @@ def pending_batches(client: redis.Redis, job_id: str) -> set[int]:
 
 
 def queued_tasks(client: redis.Redis, *, chunk: int = 1000) -> Iterator[dict[str, Any]]:
-    """The keyword arguments of each classify message waiting in the queue."""
-    start = 0
-    while True:
-        items = cast(list[str], client.lrange(QUEUE, start, start + chunk - 1))
-        for item in items:
-            kwargs = _task_kwargs(json.loads(item))
-            if kwargs is not None:
-                yield kwargs
-        if len(items) < chunk:
-            return
-        start += chunk
+    """The keyword arguments of each classify message waiting in the queue (every step)."""
+    for name in queue_lists():
+        start = 0
+        while True:
+            items = cast(list[str], client.lrange(name, start, start + chunk - 1))
+            for item in items:
+                kwargs = _task_kwargs(json.loads(item))
+                if kwargs is not None:
+                    yield kwargs
+            if len(items) < chunk:
+                break
+            start += chunk
 
 
 def _task_kwargs(message: dict[str, Any]) -> dict[str, Any] | None:

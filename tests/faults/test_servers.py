@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from labelmill.queue import pending_batches
+from labelmill.queue import pending_batches, queued_count
 from tests import images
 from tests.faults.faulty_model import FaultyModel
 from tests.faults.helpers import (
@@ -294,7 +294,7 @@ def test_redis_lost_everything_reconcile_recovers(
     ledger = p.ledger
     # Whatever was running finishes; then nothing is left to do in Redis.
     wait_until(
-        lambda: ledger.r.llen("classify") == 0 and ledger.r.hlen("unacked") == 0,
+        lambda: queued_count(ledger.r) == 0 and ledger.r.hlen("unacked") == 0,
         timeout=60,
         what="the workers to go idle",
     )
@@ -353,7 +353,7 @@ def test_the_bucket_changes_under_a_running_job_then_redis_loses_everything(
         nonlocal peak
         r = p.ledger.r
         while not stop.is_set():
-            peak = max(peak, int(r.llen("classify")) + int(r.hlen("unacked")))
+            peak = max(peak, queued_count(r) + int(r.hlen("unacked")))
             stop.wait(0.005)
 
     watcher = threading.Thread(target=watch, daemon=True)

@@ -8,7 +8,6 @@ victims are known exactly.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from labelmill.queue import queued_tasks
 from tests import images
 from tests.faults.helpers import (
     check_job,
@@ -173,7 +173,7 @@ def test_sigterm_finishes_running_batch_and_returns_prefetched(pipeline: Pipelin
     done_before = {b for b in range(total) if ledger.is_done(job_id, b)}
     # ...and every message it had reserved but not started is back on the queue.
     assert ledger.r.hlen("unacked") == 0
-    queued = [_batch_no(raw) for raw in ledger.r.lrange("classify", 0, -1)]
+    queued = [t["batch_no"] for t in queued_tasks(ledger.r) if t["job_id"] == job_id]
     assert set(range(total)) - done_before <= set(queued)
     # A batch that finished during the shutdown may be requeued as well
     # (Celery restores unacked messages when it closes the channel, racing
@@ -188,13 +188,6 @@ def test_sigterm_finishes_running_batch_and_returns_prefetched(pipeline: Pipelin
     # ones already done before the second worker started.
     again = {b for b, n in checked.ledger_attempts.items() if n > 1}
     assert again <= done_before
-
-
-def _batch_no(raw: str) -> int:
-    """The batch number inside a raw Celery message as kombu stores it in Redis."""
-    envelope = json.loads(raw)
-    _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
-    return int(kwargs["batch_no"])
 
 
 POISON = "LABELMILL-TEST-POISON-4f1c"

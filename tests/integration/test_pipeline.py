@@ -207,6 +207,25 @@ def test_a_message_without_etags_from_an_older_producer_is_still_served(
     assert status["images"]["ok"] == 3
 
 
+def test_a_small_job_behind_a_large_one_is_done_before_the_large_one_is_half_done(
+    pipeline: Pipeline,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = pipeline
+    names = [f"big/{i:03d}.jpg" for i in range(400)] + [f"small/{i}.jpg" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: p.put(k, images.jpeg(16, 16, seed=len(k))), names))
+    big = p.enqueue(f"s3://{p.bucket}/big/", f"s3://{p.bucket}/o/", "--batch-size", "8")
+    small = p.enqueue(f"s3://{p.bucket}/small/", f"s3://{p.bucket}/o/", "--batch-size", "8")
+    assert (big["batches_total"], small["batches_total"]) == (50, 1)
+    p.start_worker(concurrency=1)
+    p.wait_done(small["job_id"])
+    big_done = p.ledger.counts(big["job_id"]).batches_done
+    assert big_done < 25, f"the small job waited for {big_done} of the large job's 50 batches"
+    p.wait_done(big["job_id"])
+
+
 def test_batch_delivered_twice_counts_once(pipeline: Pipeline) -> None:
     from labelmill.queue import make_celery, send_batch
 
