@@ -17,11 +17,11 @@ from labelmill.errors import JobNotFound, LedgerUnavailable, UsageError
 from labelmill.job import Batch, JobCounts, JobSpec, JobState, Ledger
 from labelmill.job.folder import JobFolder
 from labelmill.job.inputs import InputLog
-from labelmill.job.status import new_job_id, write_manifest
+from labelmill.job.status import new_job_id
 from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import batch_objects, last_batch, listed
-from producer.sending import Cancelled, Window, record_and_send
+from producer.listing import last_batch, listed
+from producer.sending import Cancelled, Window, list_on
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +208,7 @@ def _send(
     inputs = InputLog(JobFolder.of(storage, spec))
 
     def sent(group: list[Batch]) -> None:
-        position = group[-1].position()
-        patiently(lambda: ledger.record_enqueued(job_id, position), retry_budget_s, "ledger")
+        window.record_position(group)
         if progress:
             for b in group:
                 progress(b)
@@ -223,24 +222,9 @@ def _send(
     if last is not None and not last.uris:
         tail = last  # the listing had ended
     else:
-        after = last.position() if last is not None else None
-        listing = listed(
-            storage,
-            spec.input,
-            after=after.last_key if after else None,
-            retry_budget_s=retry_budget_s,
-        )
-        tail, more = record_and_send(
-            inputs, window, batch_objects(listing, spec.batch_size, start=after), sent
-        )
+        tail, more = list_on(storage, inputs, window, last, sent)
         new += more
-    claimed = patiently(
-        lambda: ledger.finish_enqueue(job_id, tail.batch_no, tail.position()),
-        retry_budget_s,
-        "ledger",
-    )
-    if claimed:
-        patiently(lambda: write_manifest(storage, ledger, job_id), retry_budget_s, spec.output)
+    window.finish(storage, tail)
     counts = ledger.counts(job_id)
     return EnqueueResult(
         job_id=job_id,

@@ -13,12 +13,10 @@ from labelmill.job import Batch, JobSpec, Ledger
 from labelmill.job.folder import JobFolder
 from labelmill.job.inputs import InputLog
 from labelmill.job.record import Tally, tally
-from labelmill.job.status import write_manifest
 from labelmill.queue import broker_client, pending_batches
 from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
-from producer.listing import batch_objects, listed
-from producer.sending import Window, record_and_send
+from producer.sending import Window, list_on
 
 log = logging.getLogger(__name__)
 
@@ -157,25 +155,14 @@ def reconcile(
     tail = inputs.last()
     if tail is None or tail.uris:
         # The enqueue was interrupted: list on after the last recorded key.
-        after = tail.position() if tail is not None else None
-        listing = listed(
-            storage,
-            spec.input,
-            after=after.last_key if after else None,
-            retry_budget_s=retry_budget_s,
-        )
 
         def recorded(group: list[Batch]) -> None:
-            position = group[-1].position()
-            patiently(lambda: ledger.record_enqueued(job_id, position), retry_budget_s, "ledger")
+            window.record_position(group)
             out.missing += [b.batch_no for b in group]
 
-        batches = batch_objects(listing, spec.batch_size, start=after)
-        tail, _sent = record_and_send(inputs, window, batches, recorded)
+        tail, _sent = list_on(storage, inputs, window, tail, recorded)
     # The listing's totals, which also let the last batch to finish claim the manifest.
-    if ledger.finish_enqueue(job_id, tail.batch_no, tail.position()):
-        patiently(lambda: write_manifest(storage, ledger, job_id), retry_budget_s, spec.output)
-        out.finished = True
+    out.finished = window.finish(storage, tail)
     return out
 
 

@@ -25,8 +25,11 @@ from labelmill import orphans
 from labelmill.errors import ModelUnavailable
 from labelmill.job import Batch, JobSpec, JobState, Ledger
 from labelmill.job.inputs import InputLog
+from labelmill.job.status import write_manifest
 from labelmill.queue import send_batch
 from labelmill.retry import patiently
+from labelmill.storage import ObjectStore
+from producer.listing import batch_objects, listed
 
 # Batches sent per ledger update. Per batch, the producer would make four
 # Redis round trips (window, outstanding, message, position); per group it
@@ -134,6 +137,34 @@ class Window:
                     producer=publisher,
                 )
 
+    def record_position(self, group: Sequence[Batch]) -> None:
+        """Record where the listing stands once ``group``, consecutive batches, is sent."""
+        position = group[-1].position()
+        patiently(
+            lambda: self.ledger.record_enqueued(self.spec.job_id, position),
+            self.retry_budget_s,
+            "ledger",
+        )
+
+    def finish(self, storage: ObjectStore, tail: Batch) -> bool:
+        """Record the listing's end; write the manifest if that completed the job.
+
+        True when this call wrote it (the job's batches were all done first).
+        """
+        job_id = self.spec.job_id
+        if not patiently(
+            lambda: self.ledger.finish_enqueue(job_id, tail.batch_no, tail.position()),
+            self.retry_budget_s,
+            "ledger",
+        ):
+            return False
+        patiently(
+            lambda: write_manifest(storage, self.ledger, job_id),
+            self.retry_budget_s,
+            self.spec.output,
+        )
+        return True
+
     def send(self, batches: Iterable[Batch], after: Callable[[list[Batch]], None]) -> int:
         """Publish every batch, group by group, calling ``after`` with each; return the count."""
         sent = 0
@@ -142,6 +173,31 @@ class Window:
             after(group)
             sent += len(group)
         return sent
+
+
+def list_on(
+    storage: ObjectStore,
+    inputs: InputLog,
+    window: Window,
+    last: Batch | None,
+    after: Callable[[list[Batch]], None],
+) -> tuple[Batch, int]:
+    """List the job's input on from the ``last`` recorded batch (None: from the start).
+
+    Each chunk of batches is recorded, then sent; returns the tail and how
+    many batches were sent.
+    """
+    spec = window.spec
+    start = last.position() if last is not None else None
+    listing = listed(
+        storage,
+        spec.input,
+        after=start.last_key if start else None,
+        retry_budget_s=window.retry_budget_s,
+    )
+    return record_and_send(
+        inputs, window, batch_objects(listing, spec.batch_size, start=start), after
+    )
 
 
 def record_and_send(
