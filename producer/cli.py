@@ -31,6 +31,7 @@ from labelmill.errors import (
 )
 from labelmill.job import Batch, Ledger
 from labelmill.job.folder import JobFolder
+from labelmill.job.picture import complete_lines
 from labelmill.job.status import is_valid_job_id, status_dict
 from labelmill.queue import make_celery
 from labelmill.settings import Settings
@@ -172,6 +173,17 @@ def enqueue(
         typer.Option(min=1, help="Pin this model version (env LABELMILL_MODEL_VERSION)."),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="List and count; enqueue nothing.")] = False,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            help="Label only what is new or changed since the newest finished job "
+            "over SOURCE in OUTPUT with the same model version."
+        ),
+    ] = False,
+    base: Annotated[
+        str | None,
+        typer.Option(help="Label only what is new or changed since this finished job."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """List images under SOURCE and enqueue them in batches."""
@@ -182,8 +194,11 @@ def enqueue(
         max_outstanding=max_outstanding,
         model_version=model_version,
     )
-    if job_id is not None:
-        _check_job_id(job_id)
+    for name in (job_id, base):
+        if name is not None:
+            _check_job_id(name)
+    if dry_run and (incremental or base is not None):
+        raise UsageError("--dry-run lists and counts everything; it does not compare with a base")
     if dry_run:
         result = enq.dry_run(e.storage, source, s.batch_size, retry_budget_s=s.retry_budget_s)
     else:
@@ -203,6 +218,8 @@ def enqueue(
                 progress=progress,
                 # Workers wait this long for a version or an outage; so does the producer.
                 retry_budget_s=s.retry_budget_s,
+                incremental=incremental,
+                base=base,
             )
     if as_json:
         print(json.dumps(result.as_dict()))
@@ -219,6 +236,14 @@ def enqueue(
         f"{result.images_total} images in {result.batches_total} batches, "
         "model version " + (str(result.model_version) if result.model_version else "not pinned yet")
     )
+    if result.incremental is not None:
+        found = ", ".join(f"{n} {what}" for what, n in result.incremental.items())
+        out.print(f"compared with base job {result.base}: {found}")
+    elif incremental:
+        _note(
+            "no finished job to compare with (same input, output and model version): "
+            "this job labels everything"
+        )
     out.print(f"follow it with: producer watch {result.job_id}")
     # A plain, parseable last line for scripts.
     print(result.job_id)
@@ -297,12 +322,20 @@ def results(
     job_id: str,
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
     errors_only: Annotated[bool, typer.Option("--errors-only")] = False,
+    with_base: Annotated[
+        bool,
+        typer.Option(
+            help="An incremental job's complete picture: its lines and those it carried "
+            "from its base, one per object, in key order."
+        ),
+    ] = False,
 ) -> None:
     """Stream a job's result lines from storage to stdout."""
     if fmt not in ("jsonl", "csv"):
         raise UsageError(f"--format must be jsonl or csv, not {fmt!r}")
     e = env(ctx)
-    lines = JobFolder.of(e.storage, e.ledger.counts(job_id).spec).lines()
+    spec = e.ledger.counts(job_id).spec
+    lines = complete_lines(e.storage, spec) if with_base else JobFolder.of(e.storage, spec).lines()
     for chunk in format_records(lines, fmt, errors_only=errors_only):
         sys.stdout.write(chunk)
 

@@ -17,6 +17,7 @@ from labelmill.errors import JobNotFound, LedgerUnavailable, UsageError
 from labelmill.job import Batch, JobCounts, JobSpec, JobState, Ledger
 from labelmill.job.folder import JobFolder
 from labelmill.job.inputs import InputLog
+from labelmill.job.picture import base_spec, find_base
 from labelmill.job.status import new_job_id
 from labelmill.retry import patiently
 from labelmill.storage import ObjectStore, normalise_uri
@@ -38,6 +39,8 @@ class EnqueueResult:
     output: str
     resumed: bool
     dry_run: bool = False
+    base: str | None = None  # an incremental job's base
+    incremental: dict[str, int] | None = None  # what it found, compared with the base
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,8 @@ class EnqueueResult:
             "output": self.output,
             "resumed": self.resumed,
             "dry_run": self.dry_run,
+            "base": self.base,
+            "incremental": self.incremental,
         }
 
 
@@ -92,6 +97,8 @@ def enqueue(
     job_id: str | None = None,
     progress: Progress | None = None,
     retry_budget_s: float,
+    incremental: bool = False,
+    base: str | None = None,
 ) -> EnqueueResult:
     """Create (or resume) a job and send all of its batches.
 
@@ -99,6 +106,10 @@ def enqueue(
     sent; a job whose enqueuing completed sends nothing new. Storage outages
     are waited out for ``retry_budget_s`` (so is a model tier with no
     version, when the window is full).
+
+    ``incremental``: label only what is new or changed since ``base``, or,
+    without one, since the newest finished job over the same input, in the
+    same output, with the same model version (``labelmill.job.picture``).
     """
     source = normalise_uri(source)
     output = normalise_uri(output)
@@ -119,11 +130,16 @@ def enqueue(
                 f"job {job_id} exists with input {spec.input} and output {spec.output}; "
                 "use another --job-id"
             )
+        if base is not None and base != spec.base:
+            raise UsageError(f"job {job_id} exists with base {spec.base}, not {base}")
         if existing.state == JobState.CANCELLED:
             raise Cancelled(job_id)
         resumed = True
     else:
         version = resolve_version()
+        base_id = None
+        if incremental or base is not None:
+            base_id = choose_base(storage, source, output, model_name, version, base)
         spec, created = ledger.create_job(
             JobSpec(
                 job_id=job_id,
@@ -133,6 +149,7 @@ def enqueue(
                 model_name=model_name,
                 model_version=version,
                 created_at=time.time(),
+                base=base_id,
             )
         )
         resumed = not created
@@ -155,12 +172,42 @@ def enqueue(
             model_version=spec.model_version,
             output=output,
             resumed=True,
+            base=spec.base,
+            incremental=counts.incremental if spec.base else None,
         )
 
     with producer_lease(ledger, job_id):
         return _send(
             storage, ledger, app, spec, counts, max_outstanding, resumed, progress, retry_budget_s
         )
+
+
+def choose_base(
+    storage: ObjectStore,
+    source: str,
+    output: str,
+    model_name: str,
+    version: int | None,
+    named: str | None,
+) -> str | None:
+    """The base of an incremental job: ``named``, or the newest that fits (None: none does)."""
+    if version is None:
+        raise UsageError(
+            "an incremental job needs the model version now, to compare it with the base's, "
+            "and no model server serves one: pass --model-version"
+        )
+    if named is not None:
+        spec = base_spec(storage, output, named, source=source)
+        if spec.model_version != version:
+            log.warning(
+                "base job %s used model version %s, this job uses %s: nothing is carried",
+                named,
+                spec.model_version,
+                version,
+            )
+        return spec.job_id
+    found = find_base(storage, output, source=source, model_name=model_name, model_version=version)
+    return found.job_id if found else None
 
 
 @contextlib.contextmanager
@@ -219,7 +266,7 @@ def _send(
     if last is not None:
         unsent = (b for b in inputs.batches(start=counts.batches_sent) if b.uris)
         new = window.send(unsent, sent)
-    if last is not None and not last.uris:
+    if last is not None and last.is_tail:
         tail = last  # the listing had ended
     else:
         tail, more = list_on(storage, inputs, window, last, sent)
@@ -236,4 +283,6 @@ def _send(
         model_version=spec.model_version,
         output=spec.output,
         resumed=resumed,
+        base=spec.base,
+        incremental=dict(tail.incremental) if spec.base else None,
     )

@@ -153,7 +153,7 @@ def reconcile(
 
     window.send((b for b in inputs.batches() if b.uris and b.batch_no not in done), counted)
     tail = inputs.last()
-    if tail is None or tail.uris:
+    if tail is None or not tail.is_tail:
         # The enqueue was interrupted: list on after the last recorded key.
 
         def recorded(group: list[Batch]) -> None:

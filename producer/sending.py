@@ -24,12 +24,13 @@ from celery import Celery
 from labelmill import orphans
 from labelmill.errors import ModelUnavailable
 from labelmill.job import Batch, JobSpec, JobState, Ledger
+from labelmill.job.folder import JobFolder
 from labelmill.job.inputs import InputLog
 from labelmill.job.status import write_manifest
 from labelmill.queue import send_batch
 from labelmill.retry import patiently
 from labelmill.storage import ObjectStore
-from producer.listing import batch_objects, listed
+from producer.listing import batch_objects, listed, open_base
 
 # Batches sent per ledger update. Per batch, the producer would make four
 # Redis round trips (window, outstanding, message, position); per group it
@@ -38,8 +39,10 @@ from producer.listing import batch_objects, listed
 GROUP_BATCHES = orphans.MAX_GROUP
 
 # A chunk of the input manifest closes after this many batches (about 2.5 MB
-# of URIs at 32 per batch: 31,000 objects for a billion images) ...
+# of URIs at 32 per batch: 31,000 objects for a billion images), or as many
+# objects (an incremental job's lines also carry objects) ...
 CHUNK_BATCHES = 1000
+CHUNK_OBJECTS = 32_000
 # ... or this long after it opened, so that a slow listing still sends, ...
 CHUNK_S = 5.0
 # ... and the first chunk after one group, so the first message is not delayed.
@@ -152,6 +155,15 @@ class Window:
         True when this call wrote it (the job's batches were all done first).
         """
         job_id = self.spec.job_id
+        if self.spec.base is not None:  # _job.json says what the comparison found
+            folder = JobFolder.of(storage, self.spec)
+            options = {
+                "max_outstanding": self.max_outstanding,
+                "incremental": dict(tail.incremental),
+            }
+            patiently(
+                lambda: folder.write_spec(self.spec, options), self.retry_budget_s, folder.uri
+            )
         if not patiently(
             lambda: self.ledger.finish_enqueue(job_id, tail.batch_no, tail.position()),
             self.retry_budget_s,
@@ -195,9 +207,13 @@ def list_on(
         after=start.last_key if start else None,
         retry_budget_s=window.retry_budget_s,
     )
-    return record_and_send(
-        inputs, window, batch_objects(listing, spec.batch_size, start=start), after
-    )
+    base = None
+    if spec.base is not None:
+        base = open_base(
+            storage, spec, after=start.last_key if start else None, budget_s=window.retry_budget_s
+        )
+    batches = batch_objects(listing, spec.batch_size, start=start, base=base)
+    return record_and_send(inputs, window, batches, after)
 
 
 def record_and_send(
@@ -213,21 +229,23 @@ def record_and_send(
     """
     chunk: list[Batch] = []
     limit = window.group_size  # the first chunk is small
+    objects = 0  # URIs and carried objects in the chunk
     opened = time.monotonic()
     sent = 0
 
     def close() -> None:
-        nonlocal sent, limit, opened
+        nonlocal sent, limit, objects, opened
         patiently(lambda: log.write(chunk), window.retry_budget_s, log.uri)
         sent += window.send((b for b in chunk if b.uris), after)
         chunk.clear()
-        limit, opened = CHUNK_BATCHES, time.monotonic()
+        limit, objects, opened = CHUNK_BATCHES, 0, time.monotonic()
 
     for b in batches:
         chunk.append(b)
-        if not b.uris:
+        if b.is_tail:
             close()
             return b, sent
-        if len(chunk) >= limit or time.monotonic() - opened >= CHUNK_S:
+        objects += len(b.uris) + len(b.carried)
+        if len(chunk) >= limit or objects >= CHUNK_OBJECTS or time.monotonic() - opened >= CHUNK_S:
             close()
     raise AssertionError("a listing's batches always end with a tail")

@@ -61,12 +61,13 @@ def watch_live(
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[errors]} failed"),
+        TextColumn("{task.fields[carried]}"),
         TextColumn("{task.fields[rate]} img/s"),
         TimeRemainingColumn(),
         console=console,
         transient=False,
     ) as bar:
-        task = bar.add_task(job_id, total=None, errors=0, rate="0.0")
+        task = bar.add_task(job_id, total=None, errors=0, rate="0.0", carried="")
         while True:
             images = status["images"]
             total = images["total"] if status["enqueue_complete"] else None
@@ -76,6 +77,7 @@ def watch_live(
                 total=total,
                 errors=images["error"],
                 rate=f"{status['images_per_s']:.1f}",
+                carried=f"{images['carried']} carried" if status["incremental"] else "",
                 description=f"{job_id} [{status['state']}]",
             )
             if status["state"] in ENDED:
@@ -98,6 +100,12 @@ def summary(
         f"{images['error']} failed, {images['skipped']} skipped (not images), "
         f"{images['total']} enqueued"
     )
+    if status.get("incremental"):
+        inc = status["incremental"]
+        console.print(
+            f"compared with base job {inc['base']}: {inc['carried']} carried, {inc['new']} new, "
+            f"{inc['changed']} changed, {inc['retried']} errors retried, {inc['gone']} gone"
+        )
     model = status["model"]
     # None until the job's first batch meets an AVAILABLE model server.
     version = model["version"] if model["version"] is not None else "not pinned yet"

@@ -56,6 +56,11 @@ class MemoryObjects:
         first = bisect.bisect_right(keys, after.uri) if after is not None else 0
         return iter([ObjectInfo(k, len(v), self._etag(v)) for k, v in snapshot[first:]])
 
+    def folders(self, parent: Location) -> Iterator[str]:
+        with self._lock:
+            below = [k[len(parent.uri) :] for k in self.objects if k.startswith(parent.uri)]
+        return iter(sorted({rest.split("/")[0] for rest in below if "/" in rest}))
+
     def get(
         self,
         loc: Location,

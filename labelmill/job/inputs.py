@@ -5,7 +5,10 @@ object named by its first batch number (``000001000.jsonl``), one JSON line
 per batch: its URIs, the ETags the listing saw, and where the listing stood
 after it (objects listed, the last key, what was skipped). The chunk that
 ends the listing carries the tail too, a line without URIs whose number is
-the job's batch count.
+the job's batch count. An incremental job's lines also list the objects it
+carries from its base (``carried``, pointers to the lines that label them),
+so that its input manifest is the index of its complete picture
+(``labelmill.job.picture``).
 
 A batch's message is sent only once its chunk is stored, so ``retry`` and
 ``reconcile`` re-send exactly what was sent, whatever the bucket holds by
@@ -24,16 +27,16 @@ from typing import Any
 
 from labelmill.errors import UsageError
 from labelmill.job.folder import JobFolder
-from labelmill.job.model import Batch
+from labelmill.job.model import Batch, Carried
 from labelmill.storage import join_uri
 
 INPUTS_DIR = "_inputs"
 _CHUNK = "{:09d}.jsonl"
-_CHUNK_RE = re.compile(r"(\d{9})\.jsonl")
+_CHUNK_RE = re.compile(r"(\d{9})(-\d{12})?\.jsonl")
 
 
 def _line(b: Batch) -> dict[str, Any]:
-    return {
+    line = {
         "batch": b.batch_no,
         "uris": b.uris,
         "etags": b.etags,
@@ -41,6 +44,10 @@ def _line(b: Batch) -> dict[str, Any]:
         "last_key": b.last_key,
         "skipped": dict(b.skipped),
     }
+    if b.incremental:  # an incremental job's line: [uri, etag, job, batch] per carried object
+        line["carried"] = [[c.uri, c.etag, c.job_id, c.batch] for c in b.carried]
+        line["incremental"] = dict(b.incremental)
+    return line
 
 
 def _batch(d: dict[str, Any]) -> Batch:
@@ -51,7 +58,25 @@ def _batch(d: dict[str, Any]) -> Batch:
         listed=int(d["listed"]),
         last_key=str(d["last_key"]),
         skipped={str(k): int(v) for k, v in d["skipped"].items()},
+        carried=[
+            Carried(str(u), None if e is None else str(e), str(j), int(n))
+            for u, e, j, n in d.get("carried", ())
+        ],
+        incremental={str(k): int(v) for k, v in d.get("incremental", {}).items()},
     )
+
+
+def chunk_name(first: Batch) -> str:
+    """A chunk's object name, from its first line.
+
+    By batch number; a chunk that starts with a line without URIs (carried
+    objects only, or the tail) shares its number with the batch after it, so
+    the listing count is added: ``000000007-000000123456.jsonl`` sorts
+    before ``000000007.jsonl``, as the lines do.
+    """
+    if first.uris:
+        return _CHUNK.format(first.batch_no)
+    return f"{first.batch_no:09d}-{first.listed:012d}.jsonl"
 
 
 class InputLog:
@@ -67,20 +92,20 @@ class InputLog:
             return
         body = "".join(json.dumps(_line(b), ensure_ascii=False) + "\n" for b in batches)
         self.folder.put(
-            f"{INPUTS_DIR}/{_CHUNK.format(batches[0].batch_no)}",
+            f"{INPUTS_DIR}/{chunk_name(batches[0])}",
             body.encode(),
             "application/x-ndjson",
         )
 
     def chunks(self) -> list[tuple[int, str]]:
-        """(first batch number, URI) of every chunk, in batch order."""
+        """(first batch number, URI) of every chunk, in the order of their lines."""
         found = []
         for obj in self.folder.storage.list(self.uri + "/"):
             folder, _, name = obj.uri.rpartition("/")
             m = _CHUNK_RE.fullmatch(name)
             if m and folder == self.uri:
                 found.append((int(m.group(1)), obj.uri))
-        return sorted(found)
+        return sorted(found)  # the URIs break ties as chunk_name says
 
     def read(self, uri: str) -> list[Batch]:
         data = self.folder.storage.read(uri)
@@ -105,8 +130,10 @@ class InputLog:
         picked = sorted(b for b in wanted if b >= start) if wanted is not None else None
         chosen = set(picked or ())
         for i, (first, uri) in enumerate(chunks):
-            end = chunks[i + 1][0] if i + 1 < len(chunks) else None  # the next chunk's first
-            if end is not None and end <= start:
+            # The next chunk's first number: this chunk's batches are numbered
+            # below it, and lines without URIs may carry it too.
+            end = chunks[i + 1][0] if i + 1 < len(chunks) else None
+            if end is not None and end < start:
                 continue
             if picked is not None:
                 at = bisect.bisect_left(picked, first)

@@ -39,8 +39,9 @@ from labelmill.job.scripts import COMPLETE, FINISH_ENQUEUE, REOPEN_DEAD, TAKE_OV
 from labelmill.settings import Settings
 
 # The job hash's counters that hold a tally by kind: "skip:<reason>" for
-# objects that are no image, "err:<kind>" for images that failed.
-SKIP, ERR = "skip:", "err:"
+# objects that are no image, "err:<kind>" for images that failed, "inc:<what>"
+# for an incremental job's comparison with its base (carried, new, ...).
+SKIP, ERR, INC = "skip:", "err:", "inc:"
 
 
 class JobKeys(NamedTuple):
@@ -68,6 +69,7 @@ def _position_fields(position: Position) -> dict[str, str | int | float]:
         "last_key": position.last_key,
         "images_total": position.images_total,
         **{f"{SKIP}{k}": v for k, v in position.skipped.items()},
+        **{f"{INC}{k}": v for k, v in position.incremental.items()},
     }
 
 
@@ -394,6 +396,7 @@ class Ledger:
             images_ok=num("images_ok"),
             images_error=num("images_error"),
             skipped={k.removeprefix(SKIP): int(v) for k, v in h.items() if k.startswith(SKIP)},
+            incremental={k.removeprefix(INC): int(v) for k, v in h.items() if k.startswith(INC)},
             errors={
                 k.removeprefix(ERR): int(v) for k, v in h.items() if k.startswith(ERR) and int(v)
             },

@@ -41,6 +41,7 @@ class JobSpec:
     model_name: str
     model_version: int | None
     created_at: float
+    base: str | None = None  # an incremental job's base job (under the same output)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +52,7 @@ class JobSpec:
             "model_name": self.model_name,
             "model_version": self.model_version,
             "created_at": self.created_at,
+            "base": self.base,
         }
 
     @classmethod
@@ -63,7 +65,16 @@ class JobSpec:
             model_name=str(d["model_name"]),
             model_version=None if d.get("model_version") is None else int(d["model_version"]),
             created_at=float(d["created_at"]),
+            base=None if d.get("base") is None else str(d["base"]),
         )
+
+
+# What an incremental job counts (``Position.incremental``): objects whose
+# line it takes from its base, objects new since the base, changed since
+# (ETag, or the model version), errors in the base tried again, and base
+# objects no longer listed.
+CARRIED, NEW, CHANGED, RETRIED, GONE = "carried", "new", "changed", "retried", "gone"
+INCREMENTAL_COUNTS = (CARRIED, NEW, CHANGED, RETRIED, GONE)
 
 
 @dataclass(frozen=True)
@@ -77,13 +88,30 @@ class Position:
     batches_sent: int
     listed: int  # objects listed, images or not
     last_key: str  # the last URI listed
-    images_total: int  # image names listed
+    images_total: int  # images this job labels (listed, less skipped and carried)
     skipped: Mapping[str, int] = field(default_factory=dict)  # not images, by reason
+    incremental: Mapping[str, int] = field(default_factory=dict)  # INCREMENTAL_COUNTS
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """An object an incremental job does not label: its line is in ``job_id``'s part file."""
+
+    uri: str
+    etag: str | None
+    job_id: str  # the job that labelled it (the base, or the base's own base, ...)
+    batch: int
 
 
 @dataclass
 class Batch:
-    """One batch and where the listing stood when it was complete."""
+    """One line of the input manifest: a batch, and where the listing stood after it.
+
+    Besides batches with URIs there are two kinds of line without any: the
+    *tail*, which ends a listing (its number is the job's batch count), and,
+    in incremental jobs, lines that only record ``carried`` objects. Their
+    number is the next batch's; they have no message and no part file.
+    """
 
     batch_no: int
     uris: list[str]
@@ -91,11 +119,19 @@ class Batch:
     listed: int  # objects listed so far, batch included
     last_key: str  # the last URI listed so far
     skipped: Mapping[str, int] = field(default_factory=dict)  # running totals
+    # Objects carried from the base since the previous line, in key order.
+    carried: list[Carried] = field(default_factory=list)
+    incremental: Mapping[str, int] = field(default_factory=dict)  # running totals
+
+    @property
+    def is_tail(self) -> bool:
+        """Whether this line ends the listing."""
+        return not self.uris and not self.carried
 
     @property
     def images(self) -> int:
-        """Image names listed so far, this batch included."""
-        return self.listed - sum(self.skipped.values())
+        """Images this job labels, listed so far, this batch included."""
+        return self.listed - sum(self.skipped.values()) - self.incremental.get(CARRIED, 0)
 
     def position(self) -> Position:
         """Where the listing stands once this batch is sent (what a resume starts from)."""
@@ -105,6 +141,7 @@ class Batch:
             last_key=self.last_key,
             images_total=self.images,
             skipped=dict(self.skipped),
+            incremental=dict(self.incremental),
         )
 
 
@@ -131,6 +168,7 @@ class JobCounts:
     images_error: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    incremental: dict[str, int] = field(default_factory=dict)  # INCREMENTAL_COUNTS
     batches_sent: int = 0
     batches_total: int | None = None
     batches_done: int = 0

@@ -9,7 +9,7 @@ from typing import Any
 
 from labelmill.job.folder import JobFolder, job_uri
 from labelmill.job.ledger import Ledger
-from labelmill.job.model import JobCounts, JobState
+from labelmill.job.model import CARRIED, INCREMENTAL_COUNTS, JobCounts, JobState
 from labelmill.job.record import SCHEMA, weights_dict
 from labelmill.storage import ObjectStore
 
@@ -69,7 +69,9 @@ def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
             "ok": counts.images_ok,
             "error": counts.images_error,
             "skipped": counts.images_skipped,
+            "carried": counts.incremental.get(CARRIED, 0),
         },
+        "incremental": incremental_dict(counts),
         "errors": dict(sorted(counts.errors.items())),
         "skipped": dict(sorted(counts.skipped.items())),
         "batches": {
@@ -83,6 +85,14 @@ def status_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
         "images_per_s": round(rate, 2),
         "eta_s": eta,
     }
+
+
+def incremental_dict(counts: JobCounts) -> dict[str, Any] | None:
+    """An incremental job's base and what it found compared with it (None: not incremental)."""
+    if counts.spec.base is None:
+        return None
+    found = {k: counts.incremental.get(k, 0) for k in INCREMENTAL_COUNTS}
+    return {"base": counts.spec.base, **found}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -102,6 +112,7 @@ def manifest_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]
         "job_id": counts.spec.job_id,
         "spec": counts.spec.as_dict(),
         "images": status["images"],
+        "incremental": status["incremental"],
         "errors": status["errors"],
         "skipped": status["skipped"],
         "batches": {k: v for k, v in status["batches"].items() if k != "outstanding"},

@@ -72,6 +72,16 @@ class LocalFiles:
         infos = (self._file_info(path) for path in files)
         return (info for info in infos if info is not None)
 
+    def folders(self, parent: Location) -> Iterator[str]:
+        try:
+            with os.scandir(parent.key) as it:
+                names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return iter(())
+        except OSError as exc:
+            raise _service_error(exc, parent.uri) from None
+        return iter(names)
+
     def _files(self, prefix: str, start_after: str | None) -> Iterator[str]:
         """Paths of regular files and of symlinks resolving inside the directory."""
         if not prefix.endswith("/") and os.path.isdir(prefix):

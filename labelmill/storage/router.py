@@ -27,6 +27,8 @@ class Backend(Protocol):
 
     def list(self, prefix: Location, after: Location | None) -> Iterator[ObjectInfo]: ...
 
+    def folders(self, parent: Location) -> Iterator[str]: ...
+
     def get(
         self,
         loc: Location,
@@ -50,6 +52,8 @@ class ObjectStore(Protocol):
     """What the producer and workers need from object storage (``Storage`` gives it)."""
 
     def list(self, prefix_uri: str, *, start_after: str | None = None) -> Iterator[ObjectInfo]: ...
+
+    def folders(self, parent_uri: str) -> Iterator[str]: ...
 
     def get(
         self,
@@ -132,6 +136,11 @@ class Storage:
         """
         prefix, after = self._listed(prefix_uri, start_after)
         return self._backend(prefix).list(prefix, after)
+
+    def folders(self, parent_uri: str) -> Iterator[str]:
+        """The names of the folders directly under ``parent_uri`` (S3: its common prefixes)."""
+        parent = self._at(parent_uri.rstrip("/") + "/", input_read=True)
+        return self._backend(parent).folders(parent)
 
     def _listed(self, prefix_uri: str, start_after: str | None) -> tuple[Location, Location | None]:
         prefix = self._at(prefix_uri, input_read=True)

@@ -161,6 +161,18 @@ class S3Objects:
                     etag=etag.strip('"') if etag else None,
                 )
 
+    def folders(self, parent: Location) -> Iterator[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=parent.bucket, Prefix=parent.key, Delimiter="/"
+        )
+        try:
+            listed = self._call(parent.uri, lambda: list(pages))
+        except ClientError as exc:
+            raise self._mapped(exc, parent.uri) from None
+        for page in listed:
+            for common in page.get("CommonPrefixes", ()):
+                yield common["Prefix"][len(parent.key) :].rstrip("/")
+
     def _pages(self, prefix: Location, after: Location | None) -> Iterator[Any]:
         kwargs: dict[str, Any] = {"Bucket": prefix.bucket, "Prefix": prefix.key}
         if after is not None and after.key:

@@ -228,6 +228,6 @@ def assert_one_line_each(
     assert [r for r in lines if r["status"] != "ok"] == []
     st = c.job_status(job)
     n = len(objects)
-    assert st["images"] == {"total": n, "ok": n, "error": 0, "skipped": 0}
+    assert st["images"] == {"total": n, "ok": n, "error": 0, "skipped": 0, "carried": 0}
     assert st["batches"]["dead"] == 0
     return lines

@@ -159,6 +159,7 @@ def check_job(
         "ok": ok,
         "error": sum(kinds.values()),
         "skipped": counts.images_skipped,
+        "carried": 0,
     }
     assert manifest["errors"] == dict(sorted(kinds.items()))
     assert manifest["dead_batches"] == sorted(dead)

@@ -68,7 +68,7 @@ def test_s3_job_gives_one_line_per_image(pipeline: Pipeline) -> None:
     assert "meaningless" in ok["model"]["note"]  # type: ignore[index]
 
     assert status["state"] == "done"
-    assert status["images"] == {"total": 205, "ok": 201, "error": 4, "skipped": 2}
+    assert status["images"] == {"total": 205, "ok": 201, "error": 4, "skipped": 2, "carried": 0}
     manifest = json.loads(
         p.s3.get_object(Bucket=p.bucket, Key=f"labels/{job['job_id']}/_manifest.json")[
             "Body"
@@ -95,7 +95,7 @@ def test_local_folder_job(pipeline: Pipeline, tmp_path: object) -> None:
     p.start_worker()
     job = p.enqueue(str(src), str(out), "--batch-size", "4")
     status = p.wait_done(job["job_id"])
-    assert status["images"] == {"total": 12, "ok": 11, "error": 1, "skipped": 0}
+    assert status["images"] == {"total": 12, "ok": 11, "error": 1, "skipped": 0, "carried": 0}
     parts = sorted((out / job["job_id"]).glob("part-*.jsonl"))
     assert len(parts) == 3
     lines = [r for f in parts for r in loads_lines(f.read_bytes())]
@@ -300,7 +300,7 @@ def test_killed_producer_resumes_without_duplicates(pipeline: Pipeline) -> None:
     status = p.wait_done("resume-me")
     lines = _lines(p, "o/resume-me/")
     assert len(lines) == 30 and len({r["uri"] for r in lines}) == 30
-    assert status["images"] == {"total": 30, "ok": 30, "error": 0, "skipped": 0}
+    assert status["images"] == {"total": 30, "ok": 30, "error": 0, "skipped": 0, "carried": 0}
 
 
 def test_cancel_drops_outstanding_batches(pipeline: Pipeline) -> None:
@@ -333,7 +333,7 @@ def test_dead_batch_then_retry(pipeline: Pipeline) -> None:
     p.start_worker(extra={"LABELMILL_MAX_DELIVERIES": "5"})
     status = p.wait_done(jid)
     assert status["batches"]["dead"] == 1
-    assert status["images"] == {"total": 6, "ok": 3, "error": 3, "skipped": 0}
+    assert status["images"] == {"total": 6, "ok": 3, "error": 3, "skipped": 0, "carried": 0}
     assert status["errors"] == {"dead": 3}
     lines = _lines(p, f"o/{jid}/")
     assert sorted(r["status"] for r in lines) == ["error"] * 3 + ["ok"] * 3
@@ -353,7 +353,7 @@ def test_dead_batch_then_retry(pipeline: Pipeline) -> None:
         what="retry to finish",
     )
     manifest = json.loads(p.s3.get_object(Bucket=p.bucket, Key=manifest_key)["Body"].read())
-    assert manifest["images"] == {"total": 6, "ok": 6, "error": 0, "skipped": 0}
+    assert manifest["images"] == {"total": 6, "ok": 6, "error": 0, "skipped": 0, "carried": 0}
     assert manifest["dead_batches"] == []
     assert Counter(r["status"] for r in _lines(p, f"o/{jid}/")) == {"ok": 6}
 
@@ -378,7 +378,7 @@ def test_reconcile_after_redis_lost_everything(pipeline: Pipeline) -> None:
     )
     assert res["missing_batches_resent"] == [1]
     status = p.wait_done(jid)
-    assert status["images"] == {"total": 9, "ok": 9, "error": 0, "skipped": 0}
+    assert status["images"] == {"total": 9, "ok": 9, "error": 0, "skipped": 0, "carried": 0}
     assert len(_lines(p, f"o/{jid}/")) == 9
     assert p.s3.head_object(Bucket=p.bucket, Key=f"o/{jid}/_SUCCESS")
 
@@ -391,7 +391,7 @@ def test_status_and_watch_report_progress(pipeline: Pipeline) -> None:
     job = p.enqueue(f"s3://{p.bucket}/s/", f"s3://{p.bucket}/o/", "--batch-size", "3")
     st = json.loads(p.producer("status", job["job_id"], "--json").stdout)
     assert st["state"] == "running"
-    assert st["images"] == {"total": 9, "ok": 0, "error": 0, "skipped": 0}
+    assert st["images"] == {"total": 9, "ok": 0, "error": 0, "skipped": 0, "carried": 0}
     assert st["batches"] == {"total": 3, "done": 0, "dead": 0, "outstanding": 3}
     assert st["model"]["version"] == 1
     p.start_worker()
@@ -399,7 +399,7 @@ def test_status_and_watch_report_progress(pipeline: Pipeline) -> None:
     assert res.returncode == 1  # done, with one error line
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert rows[-1]["state"] == "done"
-    assert rows[-1]["images"] == {"total": 9, "ok": 8, "error": 1, "skipped": 0}
+    assert rows[-1]["images"] == {"total": 9, "ok": 8, "error": 1, "skipped": 0, "carried": 0}
     assert rows[-1]["batches"]["outstanding"] == 0
     done_counts = [r["images"]["ok"] + r["images"]["error"] for r in rows]
     assert done_counts == sorted(done_counts)
@@ -445,7 +445,7 @@ def test_retry_resends_a_batch_whose_message_was_lost(pipeline: Pipeline) -> Non
     res = json.loads(p.producer("retry", jid, "--json").stdout)
     assert res["missing_batches_resent"] == [2]
     status = p.wait_done(jid)
-    assert status["images"] == {"total": 8, "ok": 8, "error": 0, "skipped": 0}
+    assert status["images"] == {"total": 8, "ok": 8, "error": 0, "skipped": 0, "carried": 0}
     assert len(_lines(p, f"o/{jid}/")) == 8
 
 
