@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,51 @@ def vm_hwm_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def run_producer(env: dict[str, str], *args: str) -> tuple[dict[str, Any], float, float, float]:
+    """Run ``producer ... --json``: (its JSON, wall seconds, peak RSS in MB, CPU seconds).
+
+    The peak is the process's own VmHWM, sampled every 10 ms until it exits
+    (so growth in its last 10 ms could be missed). Not ``wait4``'s
+    ``ru_maxrss``: Linux keeps the high-water mark of the memory the child
+    had before ``exec``, which is its parent's, so a benchmark that holds a
+    million keys would report them as the producer's.
+    """
+    peak = 0.0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        # Popen returns once exec succeeded: from then on VmHWM is the producer's.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "producer", *args, "--json"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=err,
+        )
+        exited = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not exited.is_set():
+                try:
+                    peak = max(peak, vm_hwm_mb(proc.pid))
+                except (OSError, ValueError):  # gone, or a zombie without VmHWM
+                    return
+                exited.wait(0.01)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps it: rusage of this child alone
+        seconds = time.perf_counter() - start
+        exited.set()
+        sampler.join()
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"producer {' '.join(args)} failed:\n{err.read().decode()[-3000:]}")
+        result: dict[str, Any] = json.loads(out.read().decode().splitlines()[-1])
+    return result, seconds, peak, usage.ru_utime + usage.ru_stime
 
 
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -9,7 +9,7 @@ on SeaweedFS's S3 gateway and a local folder. For each, in the same run:
   text: "ratio, same parser" is the producer's own overhead on top of it;
 - ``producer enqueue --json`` as its own process, a real job (no workers:
   the window, ``--max-outstanding``, holds every batch), timed wall to wall
-  with its peak RSS from ``wait4``;
+  with its peak RSS (``common.run_producer``);
 - the same at 10,000 keys, to show the RSS stays flat.
 
 Targets: S3 at least 0.8 of the bare listing rate; a local folder at least
@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +40,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, ROOT, cores
+from common import OUT, ROOT, cores, run_producer
 
 from labelmill.storage.s3 import session as s3_session
 from tests.fixtures.servers import RedisServer, S3Server
@@ -104,29 +102,10 @@ def bare_local(folder: Path) -> tuple[int, float]:
 
 
 def producer(env: dict[str, str], *args: str) -> tuple[dict[str, Any], float, float]:
-    """Run ``producer ... --json``; (its JSON, wall seconds, peak RSS in MB from wait4).
-
-    The JSON gains ``cpu_s``, the producer's own user + system CPU seconds.
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "producer", *args, "--json"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=err,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)  # reaps it: rusage of this child alone
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"producer {' '.join(args)} failed:\n{err.read().decode()[-3000:]}")
-        result: dict[str, Any] = json.loads(out.read().decode().splitlines()[-1])
-    result["cpu_s"] = usage.ru_utime + usage.ru_stime
-    return result, seconds, usage.ru_maxrss / 1024
+    """Run ``producer ... --json``: (its JSON with ``cpu_s`` added, wall seconds, peak RSS MB)."""
+    result, seconds, peak_mb, cpu = run_producer(env, *args)
+    result["cpu_s"] = cpu
+    return result, seconds, peak_mb
 
 
 def startup_s(env: dict[str, str]) -> float:

@@ -6,7 +6,7 @@ synthetically, not by inference: ``_job.json``, a part file per batch of
 32 with a result line per object (its ETag as the listing gives it, except
 for one object in ``--changed-every``, which the incremental run must send
 again) and ``_manifest.json``. Then, in one run, each as its own process
-timed wall to wall with its peak RSS from ``wait4``:
+timed wall to wall with its peak RSS (``common.run_producer``):
 
 - ``producer enqueue SRC --output DST --json``: a plain job (no workers;
   the window holds every batch);
@@ -24,12 +24,9 @@ time within 1.5x the plain run's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +36,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT, ROOT, cores
+from common import OUT, ROOT, cores, run_producer
 
 from labelmill.job.folder import JobFolder
 from labelmill.job.model import JobSpec
@@ -102,24 +99,8 @@ def write_base(source: Path, output: Path, job_id: str, changed_every: int) -> i
 
 
 def producer(env: dict[str, str], *args: str) -> tuple[dict[str, Any], float, float]:
-    """Run ``producer ... --json``: (its JSON, wall seconds, peak RSS in MB from wait4)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "producer", *args, "--json"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=err,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"producer {' '.join(args)} failed:\n{err.read().decode()[-3000:]}")
-        result: dict[str, Any] = json.loads(out.read().decode().splitlines()[-1])
-    return result, seconds, usage.ru_maxrss / 1024
+    result, seconds, peak_mb, _cpu = run_producer(env, *args)
+    return result, seconds, peak_mb
 
 
 def measure(env: dict[str, str], keys: int, changed_every: int, work: Path) -> dict[str, float]:

@@ -92,7 +92,11 @@ class JobFolder:
 
     def read_part(self, uri: str) -> list[dict[str, Any]]:
         """A part file's lines as written (none if it is missing); UsageError if corrupt."""
-        data = self.storage.read(uri)
+        return self.parse_part(uri, self.storage.read(uri))
+
+    @staticmethod
+    def parse_part(uri: str, data: bytes | None) -> list[dict[str, Any]]:
+        """The lines of part file ``uri`` read as ``data`` (None: it is missing)."""
         if data is None:
             return []
         try:

@@ -24,9 +24,10 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from itertools import dropwhile
 from typing import Any, TypeVar
+
+import msgspec
 
 from labelmill.errors import UsageError
 from labelmill.job.folder import MANIFEST_FILE, JobFolder
@@ -42,16 +43,26 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One object of a picture, and where its line is."""
+class Entry(msgspec.Struct, frozen=True):
+    """One object of a picture: the fields of its result line that say what and where.
+
+    Decoded straight from the part files' lines, the rest of each line
+    (labels, model) skipped unparsed: ten times faster than ``json``, and an
+    incremental run reads every line of its base.
+    """
 
     uri: str
-    etag: str | None  # as listed when it was labelled (error lines have none)
-    ok: bool  # labelled; errors are tried again by the next incremental job
+    status: str  # "ok" or "error": errors are tried again by the next run
     job_id: str  # the job whose part file holds the line
     batch: int
-    line: dict[str, Any] | None = None  # the line itself, when the picture read it
+    etag: str | None = None  # as listed when it was labelled (error lines have none)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+_ENTRIES = msgspec.json.Decoder(Entry)
 
 
 def read_ahead(read: Callable[[T], U], items: Iterable[T], depth: int = READ_AHEAD) -> Iterator[U]:
@@ -71,28 +82,40 @@ def _in_key_order(entries: Iterator[Entry], where: str) -> Iterator[Entry]:
     previous = ""
     for e in entries:
         if e.uri <= previous:
-            raise UsageError(f"{where}: {e.uri} comes after {previous}; lines are not in key order")
+            raise _out_of_order(where, e.uri, previous)
         previous = e.uri
         yield e
 
 
+def _out_of_order(where: str, uri: str, previous: str) -> UsageError:
+    return UsageError(f"{where}: {uri} comes after {previous}; lines are not in key order")
+
+
 def _own(folder: JobFolder) -> Iterator[Entry]:
-    """Every line of the job's part files, as entries, in batch order."""
-    for lines in read_ahead(folder.read_part, (uri for _no, uri in folder.parts())):
-        for d in lines:
-            ok = d.get("status") == "ok"
-            yield Entry(d["uri"], d.get("etag"), ok, d["job_id"], int(d["batch"]), d)
+    """Every line of the job's part files, as entries, in batch order (checked)."""
+    uris = [uri for _no, uri in folder.parts()]
+    previous = ""
+    for uri, data in zip(uris, read_ahead(folder.storage.read, uris), strict=True):
+        try:
+            entries = _ENTRIES.decode_lines(data or b"")
+        except msgspec.MsgspecError as exc:
+            raise UsageError(f"{uri} is corrupt: {exc}") from None
+        for e in entries:
+            if e.uri <= previous:
+                raise _out_of_order(folder.uri, e.uri, previous)
+            previous = e.uri
+            yield e
 
 
 def _carried(folder: JobFolder) -> Iterator[Entry]:
     for b in InputLog(folder).batches():
         for c in b.carried:
-            yield Entry(c.uri, c.etag, True, c.job_id, c.batch)
+            yield Entry(c.uri, "ok", c.job_id, c.batch, c.etag)
 
 
 def picture(folder: JobFolder, spec: JobSpec, *, after: str | None = None) -> Iterator[Entry]:
     """The job's complete picture, in key order (after URI ``after``, when given)."""
-    entries = _in_key_order(_own(folder), folder.uri)
+    entries = _own(folder)
     if spec.base is not None:
         carried = _in_key_order(_carried(folder), f"{folder.uri} (carried)")
         entries = heapq.merge(entries, carried, key=lambda e: e.uri)
@@ -114,8 +137,6 @@ class LineFinder:
         self._held: dict[str, tuple[int, dict[str, dict[str, Any]]]] = {}
 
     def line(self, e: Entry) -> dict[str, Any]:
-        if e.line is not None:
-            return e.line
         held = self._held.get(e.job_id)
         if held is None or held[0] != e.batch:
             folder = JobFolder(self.storage, self.output, e.job_id)
@@ -132,8 +153,12 @@ class LineFinder:
 
 def complete_lines(storage: ObjectStore, spec: JobSpec) -> Iterator[dict[str, Any]]:
     """Every line of the job's complete picture, carried lines included, in key order."""
+    folder = JobFolder.of(storage, spec)
+    if spec.base is None:
+        yield from folder.lines()
+        return
     finder = LineFinder(storage, spec.output)
-    for e in picture(JobFolder.of(storage, spec), spec):
+    for e in picture(folder, spec):
         yield finder.line(e)
 
 

@@ -440,3 +440,16 @@ def test_the_local_listing_keeps_files_and_links_inside_only(tmp_path: Path) -> 
         assert resumed == [u for u in everything if u > after]
     with pytest.raises(UsageError, match="not in LABELMILL_ALLOWED_BUCKETS"):
         local_storage(allowed_buckets=["photos"]).list("s3://other/")
+
+
+def test_local_folders_are_the_directories_directly_below(tmp_path: Path) -> None:
+    (tmp_path / "out" / "j-1" / "_inputs").mkdir(parents=True)
+    (tmp_path / "out" / "j-2").mkdir()
+    (tmp_path / "out" / "top.json").write_text("{}")
+    s = Storage(Settings())
+    assert list(s.folders(f"file://{tmp_path}/out")) == ["j-1", "j-2"]
+    assert list(s.folders(f"file://{tmp_path}/missing/")) == []
+    mem, _objects = memory_storage()
+    mem.put("s3://bkt/out/j-1/x", b"x", content_type="text/plain")
+    mem.put("s3://bkt/out/y", b"x", content_type="text/plain")
+    assert list(mem.folders("s3://bkt/out/")) == ["j-1"]

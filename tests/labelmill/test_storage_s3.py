@@ -216,3 +216,12 @@ def test_a_read_on_the_listed_etag_tells_changed_and_deleted_objects_apart(s3_bu
     with pytest.raises(ImageError) as caught:
         s.get(deleted.uri, max_bytes=1000, if_match=deleted.etag)
     assert caught.value.kind == "not_found"
+
+
+def test_folders_are_the_common_prefixes_directly_below(s3_bucket: str) -> None:
+    s = storage()
+    for key in ("out/j-1/part-0.jsonl", "out/j-1/_inputs/0.jsonl", "out/j-2/x", "out/top.json"):
+        s.put(f"s3://{s3_bucket}/{key}", b"x", content_type="text/plain")
+    assert list(s.folders(f"s3://{s3_bucket}/out")) == ["j-1", "j-2"]
+    assert list(s.folders(f"s3://{s3_bucket}/out/j-1/")) == ["_inputs"]
+    assert list(s.folders(f"s3://{s3_bucket}/nothing/")) == []

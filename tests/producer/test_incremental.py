@@ -6,11 +6,12 @@ from itertools import dropwhile
 
 import pytest
 
+from labelmill.errors import UsageError
 from labelmill.job import Batch
 from labelmill.job.folder import JobFolder
 from labelmill.job.inputs import InputLog
 from labelmill.job.model import Carried, JobSpec
-from labelmill.job.picture import Entry, LineFinder, picture
+from labelmill.job.picture import Entry, LineFinder, base_spec, find_base, picture
 from labelmill.job.record import Label, ModelInfo, OkRecord
 from labelmill.storage import ObjectInfo
 from producer import listing
@@ -23,7 +24,7 @@ def _obj(name: str, etag: str = "e") -> ObjectInfo:
 
 
 def _entry(name: str, etag: str = "e", ok: bool = True, job: str = "j1", batch: int = 0) -> Entry:
-    return Entry(f"s3://in/p/{name}", etag, ok, job, batch)
+    return Entry(f"s3://in/p/{name}", "ok" if ok else "error", job, batch, etag)
 
 
 def _uris(batches: list[Batch]) -> list[str]:
@@ -143,3 +144,32 @@ def test_a_picture_merges_own_lines_with_carried_pointers_and_finds_their_lines(
         "c.jpg",
         "d.jpg",
     ]
+
+
+def test_the_base_is_the_newest_finished_job_over_the_same_input_and_model_version() -> None:
+    storage, _objects = memory_storage()
+    out = "s3://out/labels"
+
+    def job(
+        job_id: str, finished: str | None, source: str = "s3://in/p/", version: int = 1
+    ) -> None:
+        spec = JobSpec(job_id, source, out, 2, "inception", version, 0.0)
+        folder = JobFolder(storage, out, job_id)
+        folder.write_spec(spec, {})
+        if finished is not None:
+            folder.write_manifest({"spec": spec.as_dict(), "finished_at": finished})
+
+    job("j-old", "2026-12-01T00:00:00+00:00")
+    job("j-new", "2026-12-03T00:00:00+00:00")
+    job("j-running", None)
+    job("j-other-input", "2026-12-04T00:00:00+00:00", source="s3://in/q/")
+    job("j-other-model", "2026-12-04T00:00:00+00:00", version=2)
+    found = find_base(storage, out, source="s3://in/p/", model_name="inception", model_version=1)
+    assert found is not None and found.job_id == "j-new"
+    none = find_base(storage, out, source="s3://in/r/", model_name="inception", model_version=1)
+    assert none is None
+    assert base_spec(storage, out, "j-old", source="s3://in/p/").job_id == "j-old"
+    with pytest.raises(UsageError, match="only a finished job"):
+        base_spec(storage, out, "j-running", source="s3://in/p/")
+    with pytest.raises(UsageError, match="labelled s3://in/q/"):
+        base_spec(storage, out, "j-other-input", source="s3://in/p/")
