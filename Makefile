@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "labelmill needs Python >= 3.11"'
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[serving,flower,cluster,dev]'
+	$(BIN)/pip install --quiet -e '.[serving,flower,browse,cluster,dev]'
 	touch $(STAMP)
 
 install: $(STAMP) system-deps
@@ -43,14 +43,18 @@ lock: $(TOOLS)/.installed
 	$(LOCK) --extra flower -o deploy/requirements/worker.txt
 	$(LOCK) --extra serving -o deploy/requirements/export.txt
 
-# Redis comes from the system package manager (see README: Redis).
+# Redis, and Chromium for the browser tests, come from the system package
+# manager (see README: Development).
+SYSTEM_PACKAGES := redis-server chromium
 system-deps:
-	@command -v redis-server >/dev/null || { \
+	@missing=""; for cmd in $(SYSTEM_PACKAGES); do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "redis-server is missing: sudo apt-get install redis-server (Debian/Ubuntu) or brew install redis (macOS)"; exit 2; \
-	  fi; }
+	    echo "missing:$$missing: sudo apt-get install$$missing (Debian/Ubuntu)"; exit 2; \
+	  fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

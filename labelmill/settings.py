@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]
@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # Object storage deadlines (boto3).
     s3_connect_timeout_s: float = Field(default=5.0, gt=0)
     s3_read_timeout_s: float = Field(default=30.0, gt=0)
+
+    # `producer browse` beyond loopback: "user:password" (HTTP basic auth).
+    browse_auth: SecretStr | None = None
 
     @field_validator("redis_url")
     @classmethod

@@ -341,6 +341,37 @@ def results(
 
 
 @app.command()
+def browse(
+    ctx: typer.Context,
+    job_id: Annotated[str | None, typer.Argument(help="The job whose page opens first.")] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8080,
+    host: Annotated[
+        str,
+        typer.Option(help="Address to serve on; beyond loopback, needs LABELMILL_BROWSE_AUTH."),
+    ] = "127.0.0.1",
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Open the page in a web browser.")
+    ] = False,
+) -> None:
+    """Serve web pages of jobs' results: labels, confidence, errors, thumbnails (live)."""
+    from producer.browse import serve
+
+    if job_id is not None:
+        _check_job_id(job_id)
+    e = env(ctx)
+    serve(
+        e.settings,
+        e.storage,
+        e.ledger,
+        host=host,
+        port=port,
+        job_id=job_id,
+        open_browser=open_browser,
+        announce=lambda url: _note(f"serving {url} (Ctrl-C stops)"),
+    )
+
+
+@app.command()
 def cancel(ctx: typer.Context, job_id: str) -> None:
     """Cancel a job: batches not yet started are dropped, not run."""
     dropped = ops.cancel(env(ctx).ledger, job_id)
