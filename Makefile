@@ -1,7 +1,8 @@
 # labelmill: one entry point for everything a developer or CI runs.
 #   make demo     start the local stack and classify sample photographs
 #   make test     lint, types and the whole test suite against real servers
-#   make up/down  start/stop the local stack (Redis, S3, model server, workers, Flower)
+#   make up/down  start/stop the local stack (Redis, S3, model server, workers, Flower, browse)
+#   make screenshot  the README picture of a job page (after make demo)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +13,7 @@ STACK_DIR ?= .stack
 SOURCE ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps tools lock lint format test unit up down demo proto bench clean
+.PHONY: help install system-deps tools lock lint format test unit up down demo screenshot proto bench clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -40,7 +41,7 @@ tools: $(TOOLS)/.installed
 LOCK := $(TOOLS)/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --no-header
 lock: $(TOOLS)/.installed
-	$(LOCK) --extra flower -o deploy/requirements/worker.txt
+	$(LOCK) --extra flower --extra browse -o deploy/requirements/worker.txt
 	$(LOCK) --extra serving -o deploy/requirements/export.txt
 
 # Redis, and Chromium for the browser tests, come from the system package
@@ -80,6 +81,10 @@ down:
 
 demo: install
 	$(BIN)/python -m labelmill.dev.demo --dir $(STACK_DIR) $(if $(SOURCE),--source "$(SOURCE)")
+
+# The README's picture of a job's page: after `make demo`, the stack's browse.
+screenshot: install
+	$(BIN)/python -m labelmill.dev.screenshot --out docs/images/browse.png
 
 proto: $(STAMP)
 	$(BIN)/python -m labelmill._proto.generate

@@ -145,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             "`serving export --out .stack/models/inception --version 2 --weights imagenet` "
             "(or --weights /path/to/inception_v3_weights.h5), then run `make demo` again."
         )
+    ports = stack.Ports()
     console.print(f"results: {output}{job}/  (producer results {job})")
-    console.print("Flower:  http://127.0.0.1:5555    stop the stack: make down")
+    console.print(f"browse:  http://127.0.0.1:{ports.browse}/jobs/{job}")
+    console.print(f"Flower:  http://127.0.0.1:{ports.flower}    stop the stack: make down")
+    console.print(f"commands in a new shell: source {root / 'env'}")
     return 0
 
 

@@ -36,8 +36,9 @@ class Ports:
     model: int = 8500
     flower: int = 5555
     weed_master: int = 9333
-    weed_volume: int = 8080
+    weed_volume: int = 8081  # not 8080: `producer browse` serves there
     weed_filer: int = 8888
+    browse: int = 8080
 
     @classmethod
     def from_base(cls, base: int) -> Ports:
@@ -110,6 +111,10 @@ def procfile(root: Path, ports: Ports, *, workers: int, model_base: Path) -> str
         sys.executable, "-m", "celery", "-A", "workers", "flower", "--address=127.0.0.1",
         f"--port={ports.flower}", "--purge_offline_workers=60",
     ]  # fmt: skip
+    browse = [
+        sys.executable, "-m", "producer", "browse", "--host", "127.0.0.1",
+        "--port", str(ports.browse),
+    ]  # fmt: skip
     lines = []
     for name, argv in (
         ("redis", redis),
@@ -117,6 +122,7 @@ def procfile(root: Path, ports: Ports, *, workers: int, model_base: Path) -> str
         ("model", model),
         ("worker", worker),
         ("flower", flower),
+        ("browse", browse),
     ):
         cmd = " ".join(q(a) for a in argv)
         # weed reads master.toml from its working directory.
@@ -229,12 +235,17 @@ def _checks(root: Path, ports: Ports) -> list[tuple[str, Callable[[], bool], flo
         with socket.create_connection(("127.0.0.1", ports.flower), timeout=1):
             return True
 
+    def browse_ok() -> bool:
+        with socket.create_connection(("127.0.0.1", ports.browse), timeout=1):
+            return True
+
     return [
         ("redis", redis_ok, 30),
         ("s3", s3_ok, 90),
         ("model", model_ok, 300),
         ("worker", worker_ok, 90),
         ("flower", flower_ok, 60),
+        ("browse", browse_ok, 60),
     ]
 
 
@@ -260,8 +271,12 @@ def up(root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool
     (root / "data" / "s3" / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
     (root / "Procfile").write_text(procfile(root, ports, workers=workers, model_base=model_base))
     env = {**os.environ, **env_for(ports), "PYTHONUNBUFFERED": "1"}
+    # `source .stack/env` in a new shell: the services' addresses, and the
+    # venv's commands (`producer`, `serving`, `celery`) on the PATH.
+    venv_bin = shlex.quote(str(Path(sys.executable).parent))
     (root / "env").write_text(
         "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env_for(ports).items())
+        + f'export PATH={venv_bin}:"$PATH"\n'
     )
     honcho_log = open(root / "logs" / "honcho.log", "ab")  # noqa: SIM115 - lives with the process
     honcho = subprocess.Popen(
@@ -286,6 +301,7 @@ def up(root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool
         f"  s3      http://127.0.0.1:{ports.s3}  (key {LOCAL_ACCESS_KEY})\n"
         f"  model   127.0.0.1:{ports.model}  ({model_base})\n"
         f"  flower  http://127.0.0.1:{ports.flower}\n"
+        f"  browse  http://127.0.0.1:{ports.browse}\n"
         f"  use it: source {root / 'env'}",
         flush=True,
     )

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from labelmill.job.record import loads_lines
 from tests import images
 from tests.fixtures.procs import Proc, free_port, need_binary
 from tests.fixtures.stack import REPO, Pipeline
@@ -51,18 +50,6 @@ def status_of(url: str, headers: dict[str, str] | None = None) -> int:
             return int(r.status)
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def part_lines(p: Pipeline, job_id: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    pages = p.s3.get_paginator("list_objects_v2").paginate(
-        Bucket=p.bucket, Prefix=f"labels/{job_id}/part-"
-    )
-    for page in pages:
-        for obj in page.get("Contents", []):
-            body = p.s3.get_object(Bucket=p.bucket, Key=obj["Key"])["Body"].read()
-            out.extend(loads_lines(body))
-    return out
 
 
 @pytest.fixture
@@ -100,7 +87,7 @@ def test_the_job_page_shows_what_the_job_decided(pipeline: Pipeline, page: Any) 
         expect(page.locator("#random-weights")).to_be_visible()  # the tiny model's weights
 
         # The label chart's bars are the part files' top-1 counts.
-        lines = part_lines(p, job_id)
+        lines = p.part_lines(job_id)
         top1 = Counter(r["labels"][0]["label"] for r in lines if r["status"] == "ok")
         page.wait_for_function("document.querySelectorAll('#labels-chart .bars path').length > 0")
         bars = page.evaluate(

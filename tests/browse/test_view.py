@@ -16,6 +16,7 @@ from tests.memory_storage import memory_storage
 def _refresh_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(view_module, "REFRESH_S", 0.0)
 
+
 SPEC = JobSpec("j-1", "s3://in/p/", "s3://out/labels", 4, "inception", 1, 0.0)
 MODEL = ModelInfo("inception", 1, "random:0")
 

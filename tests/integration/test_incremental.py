@@ -7,23 +7,10 @@ from typing import Any
 
 import pytest
 
-from labelmill.job.record import loads_lines
 from tests import images
 from tests.fixtures.stack import Pipeline
 
 pytestmark = pytest.mark.integration
-
-
-def _own_lines(p: Pipeline, job_id: str) -> list[dict[str, Any]]:
-    """The lines of the job's own part files."""
-    out: list[dict[str, Any]] = []
-    pages = p.s3.get_paginator("list_objects_v2").paginate(
-        Bucket=p.bucket, Prefix=f"labels/{job_id}/part-"
-    )
-    for page in pages:
-        for obj in page.get("Contents", []):
-            out.extend(loads_lines(p.s3.get_object(Bucket=p.bucket, Key=obj["Key"])["Body"].read()))
-    return out
 
 
 def _json(p: Pipeline, key: str) -> dict[str, Any]:
@@ -80,7 +67,7 @@ def test_an_incremental_job_labels_only_what_changed_and_its_picture_is_complete
     assert cli_status["images"]["carried"] == 16
 
     # Exactly the 7 new and changed objects were sent and labelled.
-    own = _own_lines(p, job)
+    own = p.part_lines(job)
     assert sorted(r["uri"] for r in own) == sorted(
         f"s3://{p.bucket}/{k}" for k in added + overwritten
     )
@@ -137,7 +124,7 @@ def test_errors_are_tried_again_and_another_model_version_carries_nothing(
     second = p.enqueue(src, dst, "--batch-size", "4", "--incremental")
     assert second["incremental"] == {"carried": 6, "new": 0, "changed": 0, "retried": 1, "gone": 0}
     p.wait_done(second["job_id"])
-    assert [r["uri"] for r in _own_lines(p, second["job_id"])] == [
+    assert [r["uri"] for r in p.part_lines(second["job_id"])] == [
         f"s3://{p.bucket}/photos/broken.jpg"
     ]
 

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import urllib.request
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_block(n: int = 7) -> int:
+def _free_block(n: int = len(fields(Ports))) -> int:
     """A base port whose n consecutive ports (and their +10000 twins) are free."""
     # A random start, so that two test runs on one machine do not collide.
     start = random.randrange(20000, 28000)
@@ -36,7 +37,8 @@ def _env(stack_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     for line in (stack_dir / "env").read_text().splitlines():
         key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = shlex.split(value)[0]
+        if key != "PATH":  # the venv's commands: tested in a new shell below
+            env[key] = shlex.split(value)[0]
     return env
 
 
@@ -55,7 +57,7 @@ def test_stack_up_runs_a_job_and_down_stops_only_its_processes(
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "labelmill stack ready" in up.stdout
-        for name in ("redis", "s3", "model", "worker", "flower"):
+        for name in ("redis", "s3", "model", "worker", "flower", "browse"):
             assert (stack_dir / "logs" / f"{name}.log").exists()
         assert (stack_dir / "data" / "redis" / "appendonlydir").exists()  # AOF on
 
@@ -85,12 +87,27 @@ def test_stack_up_runs_a_job_and_down_stops_only_its_processes(
 
         with urllib.request.urlopen(f"http://127.0.0.1:{ports.flower}/", timeout=10) as r:
             assert r.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.browse}/jobs/{job}") as r:
+            assert r.status == 200 and job in r.read().decode()
+
+        # The commands the stack and the demo print work as printed in a new
+        # shell that sourced the env file: nothing else on its PATH.
+        shell = subprocess.run(
+            ["bash", "-c", f"source {shlex.quote(str(stack_dir / 'env'))} && "
+             f"producer status {job} --json"],
+            cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert shell.returncode == 0, shell.stderr
+        assert json.loads(shell.stdout)["state"] == "done"
     finally:
         down = subprocess.run([*cmd, "down", "--dir", str(stack_dir)], cwd=REPO,
                               capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert down.returncode == 0
     wait_until(
-        lambda: all(port_free(p) for p in (ports.redis, ports.s3, ports.model, ports.flower)),
+        lambda: all(
+            port_free(p) for p in (ports.redis, ports.s3, ports.model, ports.flower, ports.browse)
+        ),
         timeout=30,
         what="the stack's ports to be released",
     )
