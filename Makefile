@@ -96,6 +96,7 @@ bench: install
 	$(BIN)/python bench/plumbing.py --rounds 3
 	$(BIN)/python bench/enqueue.py --rounds 2
 	$(BIN)/python bench/incremental.py
+	$(BIN)/python bench/browse.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(STACK_DIR) .pytest_cache .mypy_cache .ruff_cache *.egg-info

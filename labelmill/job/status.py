@@ -125,6 +125,17 @@ def manifest_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]
     }
 
 
+def times_dict(counts: JobCounts, now: float | None = None) -> dict[str, Any]:
+    """When the job started and finished (as the manifest says), and for how long it ran."""
+    end = counts.finished_at if counts.state.ended and counts.finished_at else None
+    elapsed = (end or now or time.time()) - counts.created_at
+    return {
+        "started_at": _iso(counts.created_at),
+        "finished_at": _iso(end),
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
 def write_manifest(storage: ObjectStore, ledger: Ledger, job_id: str) -> dict[str, Any]:
     """Write ``_manifest.json`` then ``_SUCCESS`` and mark the job done in the ledger."""
     counts = ledger.counts(job_id)

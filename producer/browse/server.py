@@ -35,7 +35,7 @@ from tornado.ioloop import IOLoop
 from labelmill.errors import JobNotFound
 from labelmill.job import Ledger
 from labelmill.job.record import random_weights
-from labelmill.job.status import is_valid_job_id, status_dict
+from labelmill.job.status import is_valid_job_id, status_dict, times_dict
 from labelmill.storage import ObjectStore
 from producer.browse.thumbs import Thumbnails
 from producer.browse.view import JobView
@@ -84,8 +84,12 @@ class Browser:
 
     def page_data(self, job_id: str) -> dict[str, Any]:
         view = self.view(job_id)
-        status = status_dict(self.ledger.counts(job_id))
-        return {"status": status, "summary": view.summary()}
+        counts = self.ledger.counts(job_id)
+        return {
+            "status": status_dict(counts),
+            "times": times_dict(counts),
+            "summary": view.summary(),
+        }
 
 
 def require_login(handler: tornado.web.RequestHandler) -> None:

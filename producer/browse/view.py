@@ -15,6 +15,7 @@ job's own inputs.
 from __future__ import annotations
 
 import heapq
+import sys
 import threading
 import time
 from collections import Counter
@@ -83,41 +84,58 @@ class Image:
         return out
 
 
+# A kept image: (score, batch, index, uri, top-5, error). (batch, index) is
+# unique, so comparisons stop there; tuples compare in C, hold interned label
+# names, and are built only for lines that enter a heap. The Image the page
+# shows is built only for what it shows.
+Kept = tuple[float, int, int, str, tuple[tuple[str, float], ...], tuple[str, str] | None]
+
+
+def _kept(score: float, batch: int, index: int, line: _Line) -> Kept:
+    top = tuple((sys.intern(lb.label), lb.score) for lb in line.labels)
+    error = (line.error.kind, line.error.message) if line.error else None
+    return (score, batch, index, line.uri, top, error)
+
+
+def _image(kept: Kept) -> Image:
+    return Image(*kept)
+
+
 @dataclass
 class Aggregates:
     labels: Counter[str] = field(default_factory=Counter)
     histogram: list[int] = field(default_factory=lambda: [0] * BINS)
-    least: list[tuple[float, int, int, Image]] = field(default_factory=list)  # max-heap by -score
-    galleries: dict[str, list[Image]] = field(default_factory=dict)  # min-heaps by score
+    least: list[Kept] = field(default_factory=list)  # a max-heap: scores negated
+    galleries: dict[str, list[Kept]] = field(default_factory=dict)  # min-heaps by score
     errors: Counter[str] = field(default_factory=Counter)
-    error_lines: dict[str, list[Image]] = field(default_factory=dict)
+    error_lines: dict[str, list[Kept]] = field(default_factory=dict)
     lines: int = 0
 
     def add(self, batch_no: int, index: int, line: _Line) -> None:
         self.lines += 1
         if line.status != "ok" or not line.labels:
-            kind, message = (line.error.kind, line.error.message) if line.error else ("?", "")
+            kind = line.error.kind if line.error else "?"
             self.errors[kind] += 1
             kept = self.error_lines.setdefault(kind, [])
             if len(kept) < ERRORS:
-                kept.append(Image(0.0, batch_no, index, line.uri, error=(kind, message)))
+                kept.append(_kept(0.0, batch_no, index, line))
             return
-        top = tuple((lb.label, lb.score) for lb in line.labels)
         first = line.labels[0]
-        image = Image(first.score, batch_no, index, line.uri, top)
+        score = first.score
         self.labels[first.label] += 1
-        self.histogram[min(int(first.score * BINS), BINS - 1)] += 1
-        # The least confident: a max-heap of the LEAST kept, by negated score.
-        entry = (-first.score, batch_no, index, image)
-        if len(self.least) < LEAST:
-            heapq.heappush(self.least, entry)
-        elif entry > self.least[0]:
-            heapq.heapreplace(self.least, entry)
-        gallery = self.galleries.setdefault(first.label, [])
+        self.histogram[min(int(score * BINS), BINS - 1)] += 1
+        least = self.least
+        if len(least) < LEAST:
+            heapq.heappush(least, _kept(-score, batch_no, index, line))
+        elif -score > least[0][0]:
+            heapq.heapreplace(least, _kept(-score, batch_no, index, line))
+        gallery = self.galleries.get(first.label)
+        if gallery is None:
+            gallery = self.galleries[first.label] = []
         if len(gallery) < GALLERY:
-            heapq.heappush(gallery, image)
-        elif image > gallery[0]:
-            heapq.heapreplace(gallery, image)
+            heapq.heappush(gallery, _kept(score, batch_no, index, line))
+        elif score > gallery[0][0]:
+            heapq.heapreplace(gallery, _kept(score, batch_no, index, line))
 
 
 class JobView:
@@ -161,7 +179,7 @@ class JobView:
         """The aggregates as the page's JSON: labels, histogram, least confident, errors."""
         with self._lock:
             agg = self._agg
-            least = sorted(entry[3] for entry in agg.least)
+            least = sorted(_image((-k[0], *k[1:])) for k in agg.least)
             return {
                 "lines": agg.lines,
                 "labels": [
@@ -177,7 +195,7 @@ class JobView:
                     {
                         "kind": kind,
                         "count": n,
-                        "lines": [image.as_dict() for image in agg.error_lines.get(kind, [])],
+                        "lines": [_image(k).as_dict() for k in agg.error_lines.get(kind, [])],
                     }
                     for kind, n in agg.errors.most_common()
                 ],
@@ -186,8 +204,8 @@ class JobView:
     def gallery(self, label: str) -> tuple[int, list[dict[str, Any]]]:
         """How many images got ``label`` first, and the highest-scoring of them, best first."""
         with self._lock:
-            images = sorted(self._agg.galleries.get(label, []), reverse=True)
-            return self._agg.labels.get(label, 0), [image.as_dict() for image in images]
+            kept = sorted(self._agg.galleries.get(label, []), reverse=True)
+            return self._agg.labels.get(label, 0), [_image(k).as_dict() for k in kept]
 
     def uri_of(self, batch_no: int, index: int) -> str | None:
         """The URI of line ``index`` of part ``batch_no`` (None: no such line)."""

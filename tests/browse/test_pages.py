@@ -85,6 +85,11 @@ def test_the_job_page_shows_what_the_job_decided(pipeline: Pipeline, page: Any) 
             expect(page.locator(f"#count-{key}")).to_have_text(str(status["images"][key]))
         expect(page.locator("#model")).to_contain_text(f"version {status['model']['version']}")
         expect(page.locator("#random-weights")).to_be_visible()  # the tiny model's weights
+        manifest = json.loads(
+            p.s3.get_object(Bucket=p.bucket, Key=f"labels/{job_id}/_manifest.json")["Body"].read()
+        )
+        expect(page.locator("#started")).to_have_text(manifest["started_at"])
+        expect(page.locator("#finished")).to_have_text(manifest["finished_at"])
 
         # The label chart's bars are the part files' top-1 counts.
         lines = p.part_lines(job_id)

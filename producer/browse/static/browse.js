@@ -34,6 +34,12 @@ function thumb(image) {
   return figure;
 }
 
+function drawTimes(times) {
+  text("started", times.started_at);
+  text("finished", times.finished_at ?? "not yet");
+  text("elapsed", `${times.elapsed_s} s`);
+}
+
 function drawSummary(status) {
   const state = document.getElementById("state");
   state.textContent = status.state;
@@ -106,6 +112,7 @@ let shown = "";
 
 function draw(data) {
   drawSummary(data.status);
+  drawTimes(data.times);
   const key = JSON.stringify(data.summary);
   if (key !== shown) { // redraw charts and lists only when they changed
     shown = key;
