@@ -98,7 +98,9 @@ class Base:
 
     def rest(self) -> int:
         """Pass what is left of the base: gone, once the listing has ended."""
-        return self.gone_before("\U0010ffff" * 2)
+        gone = 0 if self._head is None else 1 + sum(1 for _ in self._entries)
+        self._head = None
+        return gone
 
 
 def open_base(storage: ObjectStore, spec: JobSpec, *, after: str | None, budget_s: float) -> Base:
