@@ -179,10 +179,13 @@ class Cluster:
     def lines(self, bucket: str, job: str) -> list[dict[str, Any]]:
         s3 = self.s3()
         out: list[dict[str, Any]] = []
-        listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"out/{job}/part-")
-        for obj in listing.get("Contents", []):
-            body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
-            out += [json.loads(line) for line in body.splitlines()]
+        pages = s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"out/{job}/part-"
+        )  # more than one page of 1000 part files in some scenarios
+        for page in pages:
+            for obj in page.get("Contents", []):
+                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+                out += [json.loads(line) for line in body.splitlines()]
         return out
 
 

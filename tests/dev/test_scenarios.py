@@ -54,7 +54,9 @@ def test_scale_in_and_a_deleted_worker_pod_lose_nothing_and_count_nothing_twice(
     cluster: Cluster,
 ) -> None:
     c = cluster
-    objects = photos(400)
+    # Enough work that the HPA scales in before the job drains: 400 batches
+    # drained within one HPA period on a fast CPU, and no scale-in was seen.
+    objects = photos(1200)
     bucket = c.bucket_of_images(objects)
     job, _, _ = c.enqueue(bucket, "--batch-size", "1")
     # A worker pod that holds the job's batches is deleted: preStop, the
