@@ -8,6 +8,7 @@
     ├── ServiceError            a service is unreachable or refuses us (exit 3)
     │   ├── TransientError      worth retrying with backoff
     │   │   ├── ModelUnavailable    gRPC UNAVAILABLE / DEADLINE_EXCEEDED
+    │   │   ├── VersionNotServedYet a pinned version one model server lacks, for a while
     │   │   ├── StorageUnavailable  S3 5xx, SlowDown, connection errors
     │   │   └── LedgerUnavailable   Redis connection errors
     │   ├── CredentialsError    the store refused our credentials
@@ -61,6 +62,10 @@ class TransientError(ServiceError):
 
 class ModelUnavailable(TransientError):
     """The model server is down, loading, overloaded or too slow."""
+
+
+class VersionNotServedYet(TransientError):
+    """NOT_FOUND for a pinned version, within ``LABELMILL_VERSION_WAIT_S`` of the first."""
 
 
 class StorageUnavailable(TransientError):

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # or 1024 without one (workers/budget.py).
     memory_budget_mb: int | None = Field(default=None, ge=16)
     retry_budget_s: float = Field(default=900.0, gt=0)
+    # How long a batch waits for a pinned model version that the model
+    # server it reached does not serve (yet): a tier's pods fetch a new version
+    # each on its own clock, so for a while one pod serves it and another not.
+    version_wait_s: float = Field(default=120.0, ge=0)
     max_deliveries: int = Field(default=5, ge=1)
     # A message held by no live worker (its container died) goes back to the
     # queue this long after its worker last refreshed it; live workers refresh

@@ -302,6 +302,7 @@ def _classify_batch(
                     model_name=model_name,
                     version=version,
                     deadline=deadline,
+                    version_wait_s=s.version_wait_s,
                     on_retry=_count_retry("model"),
                 )
         except InferenceError as exc:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from labelmill.errors import TransientError
+from labelmill.errors import ModelNotFound, TransientError, VersionNotServedYet
 from labelmill.job.record import Label, ModelInfo
-from labelmill.model_client import ModelClient
+from labelmill.model_client import ModelClient, Prediction
 from labelmill.retry import Deadline, retry
 
 
@@ -19,16 +20,36 @@ def classify(
     model_name: str,
     version: int | None,
     deadline: Deadline,
+    version_wait_s: float,
     on_retry: Callable[[TransientError], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[list[list[Label]], ModelInfo]:
     """Labels for each image, and the model (version, weights) that served them.
 
     Raises ModelUnavailable once the batch's deadline is reached, InferenceError
     at once when the server rejects the batch.
+
+    A pinned version that the server answering does not serve is waited for,
+    up to ``version_wait_s`` from the first NOT_FOUND, before ModelNotFound
+    ends the batch. The model tier's pods fetch a new version each on its own
+    clock (the model-sync sidecar in k8s/31-tf-serving.yaml), so while one
+    rolls out, the pod that pinned it serves it and the next pod does not yet;
+    the next try may reach another pod, or find the version loaded.
     """
     batch = np.stack(pixels)
+    missing_since: list[float] = []
+
+    def predict() -> Prediction:
+        try:
+            return client.predict(batch, version=version)
+        except ModelNotFound as exc:
+            missing_since[:] = missing_since or [clock()]
+            if version is None or clock() - missing_since[0] >= version_wait_s:
+                raise
+            raise VersionNotServedYet(str(exc)) from None
+
     pred = retry(
-        lambda: client.predict(batch, version=version),
+        predict,
         deadline=deadline,
         what=f"predict {model_name} v{version}",
         on_retry=on_retry,

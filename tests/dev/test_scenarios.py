@@ -27,6 +27,7 @@ from tests.dev.cluster import REPO, Cluster, assert_one_line_each, photos, reque
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 WORKERS, MODEL_TIER = "workers", "tf-serving"
+SERVING_PORT = 8500  # TF Serving's gRPC port, in the pod
 
 
 @pytest.fixture(scope="module")
@@ -103,23 +104,28 @@ def test_a_model_version_pushed_mid_job_is_served_to_the_next_job_only(
     # The model-sync sidecar (every 30 s) brings version 2 to running pods and
     # TF Serving loads it beside version 1 (the two newest); a tier back at
     # zero fetches both when the next job wakes it. Either way the next job
-    # pins version 2.
-    seen: dict[int, str] = {}
-
-    def v2_served_or_tier_at_zero() -> bool:
+    # pins version 2 once every ready pod serves it: the producer asks the
+    # headless Service, that is whichever pod its channel picks, and each
+    # pod's sidecar syncs on its own clock.
+    def versions_of_every_ready_pod() -> str | list[dict[int, str]] | None:
         tier = c.tier(MODEL_TIER)
         if tier["replicas"] == 0 and not tier["pods"]:
-            return True
-        try:
-            with _serving(c) as client:
-                seen.update(client.model_versions())
-        except ServiceError:
-            return False
-        return seen.get(2) == "AVAILABLE"
+            return "the tier at zero"
+        seen = []
+        for pod in tier["pods"]:
+            if not pod["ready"]:
+                continue
+            try:
+                with ModelClient(f"{pod['ip']}:{SERVING_PORT}", "inception", timeout_s=5) as client:
+                    seen.append(client.model_versions())
+            except ServiceError:
+                return None
+        return seen if seen and all(v.get(2) == "AVAILABLE" for v in seen) else None
 
-    c.wait(v2_served_or_tier_at_zero, timeout=120, what="version 2 served (or the tier at zero)")
-    if seen.get(2) == "AVAILABLE":
-        assert seen.get(1) == "AVAILABLE", seen  # the two newest stay loaded
+    seen = c.wait(versions_of_every_ready_pod, timeout=120,
+                  what="version 2 served by every ready pod (or the tier at zero)")  # fmt: skip
+    if seen != "the tier at zero":  # the two newest stay loaded
+        assert all(v.get(1) == "AVAILABLE" for v in seen), seen
     next_objects = photos(4)
     bucket2 = c.bucket_of_images(next_objects)
     job2, _, _ = c.enqueue(bucket2, "--batch-size", "2")

@@ -154,8 +154,18 @@ def test_invalid_batch_gives_inference_lines(svc: Services) -> None:
     assert svc.model.calls == [(1, 3)]  # type: ignore[attr-defined]  # not retried
 
 
-def test_unserved_version_is_dead_at_once(svc: Services) -> None:
+def test_a_version_the_server_reached_does_not_serve_yet_is_waited_for(svc: Services) -> None:
+    # While a version rolls out, the next try may reach a pod that serves it.
     _job(svc)
+    svc.model.failures = [ModelNotFound("Specific(inception, 3)")] * 2  # type: ignore[attr-defined]
+    out = run_batch(svc, job_id="j", batch_no=0, uris=[_put(svc, "a.jpg", images.jpeg())])
+    assert out.status == "done" and out.ok == 1
+    assert svc.model.calls == [(1, 3)] * 3  # type: ignore[attr-defined]
+
+
+def test_a_version_still_not_served_after_the_version_wait_is_dead(svc: Services) -> None:
+    _job(svc)
+    svc.settings = svc.settings.model_copy(update={"version_wait_s": 0.0})
     svc.model.failures = [ModelNotFound("inception version 3 is not served")]  # type: ignore[attr-defined]
     out = run_batch(svc, job_id="j", batch_no=0, uris=[_put(svc, "a.jpg", images.jpeg())])
     assert out.status == "dead"
