@@ -74,7 +74,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 up: install
-	$(BIN)/python -m labelmill.dev.stack up --dir $(STACK_DIR)
+	$(BIN)/python -m labelmill.dev.stack up --dir $(STACK_DIR) $(if $(filter 1,$(BF16)),--bf16)
 
 down:
 	$(BIN)/python -m labelmill.dev.stack down --dir $(STACK_DIR)

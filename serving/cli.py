@@ -20,6 +20,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import UsageError as CommandLineError  # type: ignore[assignment]
 
 from labelmill.errors import ServiceError, UsageError
+from labelmill.hardware import NO_BF16, bf16_instructions
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -116,7 +117,12 @@ def local(
         typer.Option(min=0, help="Predict requests in flight before UNAVAILABLE (0: refuse all)."),
     ] = 64,
     bf16: Annotated[
-        bool, typer.Option("--bf16", help="oneDNN bfloat16 auto mixed precision (AMX/AVX-512).")
+        bool,
+        typer.Option(
+            "--bf16",
+            help="oneDNN bfloat16 auto mixed precision; refused on CPUs without "
+            "AVX512_BF16 or AMX.",
+        ),
     ] = False,
     poll_s: Annotated[
         float, typer.Option(min=0.05, help="Seconds between scans for new versions.")
@@ -130,6 +136,8 @@ def local(
     --rest_api_port=..., --enable_grpc_healthcheck_service, ...; see
     docs/serving.md): TF Serving's meaning, its checks and its start-up order.
     """
+    if bf16 and bf16_instructions() is None:
+        raise UsageError(NO_BF16)
     _quiet_tensorflow()
     _configure_logging()
     from serving.local import LocalConfig, serve

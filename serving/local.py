@@ -464,6 +464,13 @@ def serve(config: LocalConfig) -> int:
             "%s auto mixed precision is not supported. Valid option: bfloat16", tfs.mixed_precision
         )
     if config.bf16:
+        # TF Serving (saved_model_bundle_factory.cc InternalCreateSavedModelBundle)
+        # sets the rewrite with this line and checks no CPU feature: TF runs
+        # the rewritten graph on oneDNN wherever AVX-512F is, emulated without
+        # AVX512_BF16 (tensorflow/core/util/util.cc
+        # IsDataTypeSupportedByOneDNNOnThisCPU), and on Eigen below that. Only
+        # labelmill's own --bf16 refuses such CPUs (serving/cli.py).
+        log.info("Running inference with bfloat16 auto mixed precision")
         enable_bf16()
     registry = Registry(
         config.model_name,

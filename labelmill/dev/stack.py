@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from labelmill.hardware import NO_BF16, bf16_instructions
+
 LOCAL_ACCESS_KEY = "labelmill"
 LOCAL_SECRET_KEY = "labelmill-local-secret"  # local development stack only
 
@@ -81,7 +83,9 @@ def env_for(ports: Ports) -> dict[str, str]:
     }
 
 
-def procfile(root: Path, ports: Ports, *, workers: int, model_base: Path) -> str:
+def procfile(
+    root: Path, ports: Ports, *, workers: int, model_base: Path, bf16: bool = False
+) -> str:
     """One line per service; each appends its output to ``logs/<name>.log``."""
     logs = root / "logs"
     data = root / "data"
@@ -101,7 +105,7 @@ def procfile(root: Path, ports: Ports, *, workers: int, model_base: Path) -> str
     ]  # fmt: skip
     model = [
         sys.executable, "-m", "serving", "local", "--model-base-path", str(model_base),
-        "--host", "127.0.0.1", "--port", str(ports.model),
+        "--host", "127.0.0.1", "--port", str(ports.model), *(["--bf16"] if bf16 else []),
     ]  # fmt: skip
     worker = [
         sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", "classify",
@@ -249,8 +253,12 @@ def _checks(root: Path, ports: Ports) -> list[tuple[str, Callable[[], bool], flo
     ]
 
 
-def up(root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool) -> int:
+def up(
+    root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool, bf16: bool = False
+) -> int:
     """Start every service; return when healthy (detach) or when stopped."""
+    if bf16 and bf16_instructions() is None:
+        raise StackError(NO_BF16)
     root = root.resolve()
     pidfile = root / "stack.pid"
     if pidfile.exists() and _alive(int(pidfile.read_text())):
@@ -269,7 +277,9 @@ def up(root: Path, ports: Ports, *, workers: int, model_base: Path, detach: bool
     (root / "s3.json").write_text(s3_config())
     # One volume per bucket instead of seven: quick to start on a small machine.
     (root / "data" / "s3" / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
-    (root / "Procfile").write_text(procfile(root, ports, workers=workers, model_base=model_base))
+    (root / "Procfile").write_text(
+        procfile(root, ports, workers=workers, model_base=model_base, bf16=bf16)
+    )
     env = {**os.environ, **env_for(ports), "PYTHONUNBUFFERED": "1"}
     # `source .stack/env` in a new shell: the services' addresses, and the
     # venv's commands (`producer`, `serving`, `celery`) on the PATH.
@@ -367,16 +377,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port-base", type=int, default=None, help="use consecutive ports from this one"
     )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="serve in bfloat16 (serving local --bf16); refused on CPUs without AVX512_BF16/AMX",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "down":
             return down(args.dir)
         ports = Ports.from_base(args.port_base) if args.port_base else Ports()
+        if args.bf16 and bf16_instructions() is None:
+            raise StackError(NO_BF16)  # before a model export, not after
         model_base = args.model_base
         if model_base is None:
             model_base = args.dir.resolve() / "models" / "inception"
             ensure_model(model_base)
-        return up(args.dir, ports, workers=args.workers, model_base=model_base, detach=args.detach)
+        return up(
+            args.dir,
+            ports,
+            workers=args.workers,
+            model_base=model_base,
+            detach=args.detach,
+            bf16=args.bf16,
+        )
     except StackError as exc:
         print(f"stack: {exc}", file=sys.stderr)
         return 2

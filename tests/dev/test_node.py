@@ -23,6 +23,7 @@ from labelmill.dev.cluster.node import (
     Resources,
     cpu_millis,
     memory_bytes,
+    node_labels,
     parse_quantity,
     pod_memory_limit,
     pod_resources,
@@ -105,6 +106,7 @@ class FakePod:
     created: float
     bound: bool = False
     unschedulable: str = ""
+    node_selector: dict[str, str] = field(default_factory=dict)
     deleted: bool = False
     finished: bool = False
     binds: list[str] = field(default_factory=list)
@@ -141,6 +143,23 @@ def test_cpu_is_checked_like_memory() -> None:
     schedule(node, pods)
     assert pods[0].bound and not pods[1].bound
     assert pods[1].unschedulable.endswith("1 Insufficient cpu")
+
+
+def test_a_node_selector_the_node_does_not_match_keeps_the_pod_pending() -> None:
+    node = Node("n", Resources(4000, 64 * Gi), node_labels("n", ["avx2", "avx512f"]))
+    bf16 = {"feature.node.kubernetes.io/cpu-cpuid.AVX512BF16": "true"}
+    avx2 = {"feature.node.kubernetes.io/cpu-cpuid.AVX2": "true", "kubernetes.io/os": "linux"}
+    pods = [FakePod("bf16", Resources(50, Gi), 0, node_selector=bf16),
+            FakePod("avx2", Resources(50, Gi), 1, node_selector=avx2)]  # fmt: skip
+    assert schedule(node, pods) == [pods[0]]
+    assert not pods[0].bound and pods[1].bound
+    assert pods[0].unschedulable == (
+        "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector"
+    )
+    # On a CPU with bfloat16 instructions NFD labels the node, and the pod fits.
+    node = Node("n", Resources(4000, 64 * Gi), node_labels("n", ["avx512f", "avx512_bf16"]))
+    schedule(node, pods)
+    assert pods[0].bound
 
 
 def _cgroups(limit: int) -> MemoryCgroups:

@@ -20,6 +20,7 @@ import pytest
 
 from labelmill.dev.cluster.substitutions import MODELS_BUCKET, VENV_BIN
 from labelmill.errors import ServiceError
+from labelmill.hardware import bf16_instructions
 from labelmill.model_client import ModelClient
 from tests import images
 from tests.dev.cluster import REPO, Cluster, assert_one_line_each, photos, requested_memory
@@ -167,6 +168,52 @@ def test_a_tf_serving_rollout_mid_job_fails_no_batch_and_new_pods_take_the_traff
     job2, _, _ = c.enqueue(bucket2, "--batch-size", "2")
     c.wait_done(job2, timeout=60)
     assert_one_line_each(c, bucket2, job2, next_objects)
+
+
+@pytest.mark.timeout(300)
+def test_the_bf16_patch_serves_in_bfloat16_only_on_a_node_whose_cpu_has_it(
+    cluster: Cluster,
+) -> None:
+    """``k8s/patches/tf-serving-bf16.yaml``, applied as ``kubectl patch --patch-file`` does."""
+    c = cluster
+    before = {rs["hash"] for rs in c.tier(MODEL_TIER)["replica_sets"]}
+    c.ctl("patch", f"deployment/{MODEL_TIER}", "--patch-file",
+          str(REPO / "k8s" / "patches" / "tf-serving-bf16.yaml"))  # fmt: skip
+    undone = False
+    try:
+        objects = photos(20)
+        bucket = c.bucket_of_images(objects)
+        job, _, _ = c.enqueue(bucket, "--batch-size", "2")
+
+        def patched_pods() -> list[dict[str, Any]]:
+            old = tuple(f"{MODEL_TIER}-{h}-" for h in before)
+            return [p for p in c.tier(MODEL_TIER)["pods"] if not p["name"].startswith(old)]
+
+        if bf16_instructions() is None:
+            # NFD gives this node no AVX512BF16 label: the patched pod waits
+            # for a node that has one.
+            c.wait(
+                lambda: any(
+                    "didn't match Pod's node affinity/selector" in p["reason"]
+                    for p in patched_pods()
+                ),
+                timeout=60,
+                what="the patched model pod Pending on its node selector",
+            )
+            c.ctl("undo", f"deployment/{MODEL_TIER}")  # the job then runs on fp32 pods
+            undone = True
+        else:
+            # KEDA may run one or two model pods for the job: each is patched.
+            ready = c.wait(lambda: [p for p in patched_pods() if p["ready"]], timeout=120,
+                           what="a patched model pod ready")  # fmt: skip
+            pid = ready[0]["containers"][MODEL_TIER]["pid"]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"--mixed_precision=bfloat16" in argv
+        c.wait_done(job, timeout=180)
+        assert_one_line_each(c, bucket, job, objects)
+    finally:
+        if not undone:
+            c.ctl("undo", f"deployment/{MODEL_TIER}")
 
 
 @pytest.mark.timeout(360)

@@ -17,9 +17,16 @@ K8S = ROOT / "k8s"
 KEDA = ROOT / "keda"
 
 
+PATCHES = K8S / "patches"
+
+
 def manifest_files() -> list[Path]:
-    """Every YAML file under k8s/ (examples and secret templates included) and keda/."""
-    return sorted([*K8S.rglob("*.yaml"), *KEDA.rglob("*.yaml")])
+    """Every manifest under k8s/ (examples and secret templates included) and keda/.
+
+    Not the patches of ``k8s/patches/``: those are applied with ``kubectl patch``.
+    """
+    found = [*K8S.rglob("*.yaml"), *KEDA.rglob("*.yaml")]
+    return sorted(p for p in found if PATCHES not in p.parents)
 
 
 def documents(path: Path) -> list[dict[str, Any]]:

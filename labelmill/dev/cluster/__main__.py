@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml  # type: ignore[import-untyped]
+
 from labelmill.dev.cluster.node import (
     QuantityError,
     Resources,
@@ -68,11 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("--dir", type=Path, required=True)
     delete.add_argument("pod")
     patch = sub.add_parser(
-        "patch", help="kubectl patch deployment/NAME -p JSON (a strategic merge patch)"
+        "patch",
+        help="kubectl patch deployment/NAME -p JSON | --patch-file FILE (a strategic merge patch)",
     )
     patch.add_argument("--dir", type=Path, required=True)
     patch.add_argument("deployment", help="deployment/NAME")
-    patch.add_argument("-p", "--patch", required=True, help="a JSON object")
+    given = patch.add_mutually_exclusive_group(required=True)
+    given.add_argument("-p", "--patch", help="a JSON object")
+    given.add_argument("--patch-file", type=Path, help="a file with the patch, YAML or JSON")
     restart = sub.add_parser(
         "restart", help="kubectl rollout restart deployment/NAME: a new template, rolled out"
     )
@@ -277,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             body: Any = {"spec": {"template": {"metadata": {"annotations": {
                 "kubectl.kubernetes.io/restartedAt": stamp}}}}}  # fmt: skip
+        elif args.patch_file is not None:
+            try:
+                body = yaml.safe_load(args.patch_file.read_text())  # JSON is YAML too
+            except (OSError, yaml.YAMLError) as exc:
+                print(f"cluster: error: --patch-file: {exc}", file=sys.stderr)
+                return EXIT_USAGE
         else:
             try:
                 body = json.loads(args.patch)

@@ -184,6 +184,7 @@ class Pod:
         self.containers = [Container(c) for c in self.spec.get("containers", [])]
         self.sidecars = [c for c in self.init_containers if c.sidecar]
         self.requests: Resources = pod_resources(self.spec)
+        self.node_selector: dict[str, str] = dict(self.spec.get("nodeSelector") or {})
         self.bound = False  # the scheduler placed it on the node: only then it starts
         self.unschedulable = ""  # why the scheduler could not place it (yet)
         self.cgroup: Path | None = None

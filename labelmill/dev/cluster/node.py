@@ -20,6 +20,15 @@
   they have terminated. kube-scheduler takes Pending pods by priority, then
   by creation time (pkg/scheduler/framework/plugins/queuesort/
   priority_sort.go ``Less``); every pod here has the same priority.
+- NodeAffinity's ``nodeSelector`` check: pkg/scheduler/framework/plugins/
+  nodeaffinity/node_affinity.go ``Filter``: every key of the pod's
+  ``nodeSelector`` must be a label of the node with the same value, else
+  the pod stays Pending with ``ErrReasonPod``, "node(s) didn't match Pod's
+  node affinity/selector". The node's labels are the well-known ones
+  (kubernetes.io/hostname, /os, /arch) and those Node Feature Discovery
+  gives the CPU features labelmill selects on (``feature.node.kubernetes.io/
+  cpu-cpuid.<feature>``, named as NFD's cpuid source names them), read
+  from this machine's CPU flags.
 - Memory cgroups, as the kubelet lays them out (pkg/kubelet/cm/
   cgroup_manager_linux.go, qos_container_manager_linux.go): one parent for
   every pod (``kubepods``) capped at the node's allocatable memory, one
@@ -36,7 +45,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -134,10 +143,42 @@ def pod_memory_limit(spec: Mapping[str, Any]) -> int | None:
     return pod_resources(spec, "limits").memory
 
 
+# Kernel CPU flag -> NFD's cpuid feature name (source/cpu/cpuid.go, the names of
+# klauspost/cpuid), for the features a labelmill pod may select on.
+NFD_CPUID = {
+    "avx2": "AVX2",
+    "avx512f": "AVX512F",
+    "avx512_vnni": "AVX512VNNI",
+    "avx512_bf16": "AVX512BF16",
+    "amx_bf16": "AMXBF16",
+    "amx_tile": "AMXTILE",
+}
+NFD_CPUID_PREFIX = "feature.node.kubernetes.io/cpu-cpuid."
+NOT_SELECTED = "node(s) didn't match Pod's node affinity/selector"
+
+
+def node_labels(name: str, cpu_flags: Iterable[str]) -> dict[str, str]:
+    """The labels the kubelet and NFD would give this machine's node."""
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+    labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": arch,
+    }
+    flags = set(cpu_flags)
+    labels |= {NFD_CPUID_PREFIX + nfd: "true" for flag, nfd in NFD_CPUID.items() if flag in flags}
+    return labels
+
+
 @dataclass(frozen=True)
 class Node:
     name: str
     allocatable: Resources
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def selects(self, node_selector: Mapping[str, str]) -> bool:
+        """NodeAffinity's Filter for a pod's ``nodeSelector``."""
+        return all(self.labels.get(k) == v for k, v in node_selector.items())
 
     def insufficient(self, request: Resources, bound: Iterable[Resources]) -> list[str]:
         """fitsRequest: the resources this pod does not fit in ([] when it fits)."""
@@ -160,6 +201,8 @@ class Schedulable(Protocol):
     unschedulable: str
     created: float
 
+    @property
+    def node_selector(self) -> Mapping[str, str]: ...
     def bind(self) -> None: ...
     def gone(self) -> bool: ...
     def being_deleted(self) -> bool: ...
@@ -180,9 +223,12 @@ def schedule(node: Node, pods: Sequence[P]) -> list[P]:
     for pod in sorted((p for p in pods if not p.bound), key=lambda p: p.created):
         if pod.being_deleted():
             continue
-        short = node.insufficient(pod.requests, bound)
-        if short:
+        why = ""
+        if not node.selects(pod.node_selector):
+            why = f"0/1 nodes are available: 1 {NOT_SELECTED}"
+        elif short := node.insufficient(pod.requests, bound):
             why = "0/1 nodes are available: " + ", ".join(f"1 Insufficient {r}" for r in short)
+        if why:
             if pod.unschedulable != why:
                 newly.append(pod)
             pod.unschedulable = why

@@ -35,6 +35,7 @@ from labelmill.dev.cluster.node import (
     Node,
     Resources,
     kill_all,
+    node_labels,
     schedule,
 )
 from labelmill.dev.cluster.proxy import ServiceProxy
@@ -49,6 +50,7 @@ from labelmill.dev.cluster.substitutions import (
     service_names,
 )
 from labelmill.dev.stack import LOCAL_ACCESS_KEY, LOCAL_SECRET_KEY, StackError, _bin, s3_config
+from labelmill.hardware import cpu_flags
 
 TICK_S = 0.25
 S3_START_TIMEOUT_S = 90.0
@@ -96,7 +98,7 @@ class Cluster:
         self.k8s, self.keda = k8s, keda
         self.time_scale = time_scale
         self.model_arch = model_arch
-        self.node = Node(NODE_NAME, node)
+        self.node = Node(NODE_NAME, node, node_labels(NODE_NAME, cpu_flags()))
         self.cgroups: MemoryCgroups | None = None
         self.stop = threading.Event()
         self.t0 = time.monotonic()
