@@ -93,6 +93,7 @@ bench: install
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/e2e.py --concurrency 2 --rounds 2
+	$(BIN)/python bench/first.py
 	$(BIN)/python bench/plumbing.py --rounds 3
 	$(BIN)/python bench/enqueue.py --rounds 2
 	$(BIN)/python bench/incremental.py
