@@ -21,17 +21,27 @@ BF16_FLAGS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512_BF16"}
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
-    """The flags of the first processor in ``/proc/cpuinfo``; empty where there is none."""
+def _first_processor(cpuinfo: Path) -> dict[str, str]:
+    """The fields of the first processor in ``/proc/cpuinfo``; empty where there is none."""
+    fields: dict[str, str] = {}
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return frozenset()
+        return fields
     for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The CPU's flags (``Features`` on ARM); empty where there is no ``/proc/cpuinfo``."""
+    fields = _first_processor(cpuinfo)
+    return frozenset((fields.get("flags") or fields.get("Features") or "").split())
 
 
 def bf16_instructions(flags: Iterable[str] | None = None) -> str | None:
@@ -47,18 +57,11 @@ NO_BF16 = (
 )
 
 
-def machine(flags: Iterable[str] | None = None, cpuinfo: Path = CPUINFO) -> str:
+def machine(cpuinfo: Path = CPUINFO) -> str:
     """The machine in one line, as ``lscpu`` names it: model, CPUs usable, vector flags."""
-    have = frozenset(cpu_flags(cpuinfo) if flags is None else flags)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-                break
-    except OSError:
-        pass
+    fields = _first_processor(cpuinfo)
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    have = cpu_flags(cpuinfo)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     shown = " ".join(f for f in SHOWN_FLAGS if f in have) or "none of " + " ".join(SHOWN_FLAGS)
     return f"{model}, {cpus} CPU(s); flags: {shown}"

@@ -22,7 +22,6 @@ def classify(
     deadline: Deadline,
     version_wait_s: float,
     on_retry: Callable[[TransientError], None] | None = None,
-    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[list[list[Label]], ModelInfo]:
     """Labels for each image, and the model (version, weights) that served them.
 
@@ -43,8 +42,9 @@ def classify(
         try:
             return client.predict(batch, version=version)
         except ModelNotFound as exc:
-            missing_since[:] = missing_since or [clock()]
-            if version is None or clock() - missing_since[0] >= version_wait_s:
+            now = time.monotonic()
+            missing_since[:] = missing_since or [now]
+            if version is None or now - missing_since[0] >= version_wait_s:
                 raise
             raise VersionNotServedYet(str(exc)) from None
 
