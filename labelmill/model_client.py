@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -103,19 +103,70 @@ def _service_config() -> str:
 
 def tensor_from_array(array: np.ndarray) -> tfs_pb2.TensorProto:
     """A numeric array as a TensorProto, its bytes in ``tensor_content``."""
-    dtype = next((k for k, v in _NUMERIC_DTYPES.items() if v == array.dtype), None)
-    if dtype is None:
-        raise InferenceError(f"cannot send an array of dtype {array.dtype}")
-    proto = tfs_pb2.TensorProto(dtype=dtype)  # type: ignore[arg-type]
-    proto.tensor_shape.dim.extend(tfs_pb2.TensorShapeProto.Dim(size=s) for s in array.shape)
-    # One copy into bytes, not two: ``astype`` always copied, even when the
-    # array was already contiguous little-endian (uint8 batches always are).
-    # A batch of 32 is 8.6 MB: 2.7 -> 1.7 ms; building the request was 1-2 %
-    # of a worker's task thread in the bench/e2e.py profile.
+    proto = _tensor_header(array.dtype, array.shape)
     proto.tensor_content = np.ascontiguousarray(
         array, dtype=array.dtype.newbyteorder("<")
     ).tobytes()
     return proto
+
+
+def _tensor_header(dtype: np.dtype[Any], shape: Sequence[int]) -> tfs_pb2.TensorProto:
+    """A TensorProto with ``dtype`` and ``shape`` and no values yet."""
+    code = next((k for k, v in _NUMERIC_DTYPES.items() if v == dtype), None)
+    if code is None:
+        raise InferenceError(f"cannot send an array of dtype {dtype}")
+    proto = tfs_pb2.TensorProto(dtype=code)  # type: ignore[arg-type]
+    proto.tensor_shape.dim.extend(tfs_pb2.TensorShapeProto.Dim(size=s) for s in shape)
+    return proto
+
+
+def encode_predict_request(
+    request: tfs_pb2.PredictRequest, input_name: str, images: Sequence[np.ndarray]
+) -> bytes:
+    """``request`` with ``inputs[input_name]`` = the images stacked, serialized.
+
+    The same bytes as setting the input's ``tensor_content`` and calling
+    ``SerializeToString``, with each image's pixels copied once, straight into
+    the message. Through protobuf a batch of 32 (8.6 MB) was copied six times
+    (stacking, ``tobytes``, into the message, ``CopyFrom``, encoding, into a
+    Python object), each into fresh pages: a third of the worker's CPU per
+    image beyond the decode itself (bench/plumbing.py, docs/performance.md).
+
+    Protobuf's wire format (protobuf.dev/programming-guides/encoding) makes
+    this a matter of three length-delimited wrappers: the TensorProto is its
+    header's encoding followed by field 4 (``tensor_content``); a map entry
+    is a message with the key in field 1 and the value in field 2; the map
+    is field 2 of PredictRequest, and fields may follow each other in any
+    order. ``request`` must not set ``inputs`` itself.
+    """
+    if not images:
+        raise InferenceError("a Predict request needs at least one image")
+    first = images[0]
+    for image in images:
+        if image.dtype != first.dtype or image.shape != first.shape:
+            raise InferenceError("every image of a batch must have the same dtype and shape")
+    pixels = [np.ascontiguousarray(i, dtype=first.dtype.newbyteorder("<")) for i in images]
+    size = sum(p.nbytes for p in pixels)
+    tensor = _tensor_header(first.dtype, (len(pixels), *first.shape)).SerializeToString()
+    tensor += _field(4, size)
+    key = input_name.encode()
+    entry = _field(1, len(key)) + key + _field(2, len(tensor) + size) + tensor
+    head = request.SerializeToString() + _field(2, len(entry) + size) + entry
+    return b"".join([head, *(p.data for p in pixels)])
+
+
+def _field(number: int, length: int) -> bytes:
+    """The tag and length of a length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def tensor_from_bytes(items: list[bytes]) -> tfs_pb2.TensorProto:
@@ -179,6 +230,10 @@ class ModelClient:
             request_serializer=tfs_pb2.PredictRequest.SerializeToString,
             response_deserializer=tfs_pb2.PredictResponse.FromString,
         )
+        # Predict with a request already serialized (encode_predict_request).
+        self._predict_serialized = self._channel.unary_unary(
+            PREDICT, response_deserializer=tfs_pb2.PredictResponse.FromString
+        )
         self._status = self._channel.unary_unary(
             GET_MODEL_STATUS,
             request_serializer=tfs_pb2.GetModelStatusRequest.SerializeToString,
@@ -187,16 +242,25 @@ class ModelClient:
 
     # -- public API -------------------------------------------------------
 
-    def predict(self, images: np.ndarray, *, version: int | None = None) -> Prediction:
-        """Classify uint8 [N,299,299,3] pixels with the ``serving_default`` signature."""
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-            raise InferenceError(
-                f"{self._where(version)}: images must be uint8 [N,299,299,3], "
-                f"got {images.dtype} {list(images.shape)}"
-            )
-        request = self._request("serving_default", version)
-        request.inputs["images"].CopyFrom(tensor_from_array(images))
-        return self._prediction(self._call(self._predict, request, version), version)
+    def predict(
+        self, images: np.ndarray | Sequence[np.ndarray], *, version: int | None = None
+    ) -> Prediction:
+        """Classify uint8 [299,299,3] images with the ``serving_default`` signature.
+
+        ``images`` is a list of them, or one [N,299,299,3] array.
+        """
+        if len(images) == 0:
+            raise InferenceError(f"{self._where(version)}: no images to classify")
+        for image in images:  # the rows of an [N,299,299,3] array are views, not copies
+            if image.dtype != np.uint8 or image.shape != IMAGE_SHAPE:
+                raise InferenceError(
+                    f"{self._where(version)}: images must be uint8 [299,299,3] each, "
+                    f"got {image.dtype} {list(image.shape)}"
+                )
+        request = encode_predict_request(
+            self._request("serving_default", version), "images", list(images)
+        )
+        return self._prediction(self._call(self._predict_serialized, request, version), version)
 
     def predict_encoded(self, images: list[bytes], *, version: int | None = None) -> Prediction:
         """Classify encoded JPEG/PNG images with the ``predict_images`` signature."""
@@ -303,7 +367,7 @@ class ModelClient:
                 "is this model exported by `serving export`?"
             ) from None
 
-    def _call(self, method: Callable[..., R], request: Message, version: int | None) -> R:
+    def _call(self, method: Callable[..., R], request: Message | bytes, version: int | None) -> R:
         """One RPC with a deadline; a failure raised as what its status code means."""
         try:
             return method(request, timeout=self.timeout_s)

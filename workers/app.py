@@ -25,7 +25,7 @@ from labelmill.settings import Settings
 from labelmill.storage import Storage
 from workers import signals
 from workers.batch import Outcome, Services, run_batch
-from workers.budget import process_budget
+from workers.budget import process_budget, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ProcessServices:
 
 def create_app(settings: Settings) -> Celery:
     """The worker tier's Celery app, its task and its signal hooks."""
+    tune_malloc()  # before Celery starts threads or forks its pool
     app = make_celery(settings)
     app.conf.worker_consumer = "workers.consumer:Consumer"
     signals.connect(settings)  # metrics endpoint, heartbeat, visibility, orphan sweep

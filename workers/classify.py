@@ -35,12 +35,11 @@ def classify(
     rolls out, the pod that pinned it serves it and the next pod does not yet;
     the next try may reach another pod, or find the version loaded.
     """
-    batch = np.stack(pixels)
     missing_since: list[float] = []
 
     def predict() -> Prediction:
         try:
-            return client.predict(batch, version=version)
+            return client.predict(pixels, version=version)
         except ModelNotFound as exc:
             now = time.monotonic()
             missing_since[:] = missing_since or [now]

@@ -19,6 +19,7 @@ from labelmill.errors import InferenceError, ModelNotFound, ModelUnavailable
 from labelmill.model_client import (
     ModelClient,
     array_from_tensor,
+    encode_predict_request,
     tensor_from_array,
     tensor_from_bytes,
 )
@@ -188,9 +189,60 @@ def test_unreachable_server_is_model_unavailable() -> None:
 
 
 def test_predict_rejects_wrong_pixels_locally(fake: FakeServer) -> None:
-    with client(fake) as c, pytest.raises(InferenceError, match="uint8"):
-        c.predict(np.zeros((1, 299, 299, 3), np.float32))
+    with client(fake) as c:
+        with pytest.raises(InferenceError, match="uint8"):
+            c.predict(np.zeros((1, 299, 299, 3), np.float32))
+        with pytest.raises(InferenceError, match=r"got uint8 \[299, 3\]"):
+            c.predict(np.zeros((299, 299, 3), np.uint8))  # one image, not a batch of one
+        with pytest.raises(InferenceError, match="no images"):
+            c.predict([])
     assert fake.requests == []
+
+
+def test_predict_takes_a_list_of_images_as_it_takes_their_stack(fake: FakeServer) -> None:
+    rows = [np.full((299, 299, 3), i, np.uint8) for i in range(3)]
+    with client(fake) as c:
+        c.predict(rows)
+        c.predict(np.stack(rows))
+    from_list, from_stack = fake.requests
+    assert from_list == from_stack
+    np.testing.assert_array_equal(array_from_tensor(from_list.inputs["images"]), np.stack(rows))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "version", "name"),
+    [
+        (np.uint8, (299, 299, 3), 7, "images"),
+        (np.float32, (2, 3), None, "x"),
+        (np.int64, (5,), 2**40, "a" * 200),  # lengths and numbers past one varint byte
+    ],
+)
+@pytest.mark.parametrize("count", [1, 3, 40])
+def test_encode_predict_request_is_protobuf_s_own_encoding(
+    dtype: type[np.generic], shape: tuple[int, ...], version: int | None, name: str, count: int
+) -> None:
+    rng = np.random.default_rng(count)
+    images = [(rng.random(shape) * 200).astype(dtype) for _ in range(count)]
+    request = tfs_pb2.PredictRequest()
+    request.model_spec.name = "inception"
+    request.model_spec.signature_name = "serving_default"
+    if version is not None:
+        request.model_spec.version.value = version
+    expected = tfs_pb2.PredictRequest()
+    expected.CopyFrom(request)
+    expected.inputs[name].CopyFrom(tensor_from_array(np.stack(images)))
+
+    encoded = encode_predict_request(request, name, images)
+
+    assert encoded == expected.SerializeToString()
+    assert tfs_pb2.PredictRequest.FromString(encoded) == expected
+
+
+def test_encode_predict_request_refuses_mixed_images() -> None:
+    with pytest.raises(InferenceError, match="same dtype and shape"):
+        encode_predict_request(
+            tfs_pb2.PredictRequest(), "images", [np.zeros((2, 2), np.uint8), np.zeros(3, np.uint8)]
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64, np.float32, np.float64])

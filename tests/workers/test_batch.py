@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,8 @@ class FakeModel:
         self.calls: list[tuple[int, int | None]] = []
         self.failures: list[Exception] = []
 
-    def predict(self, batch: np.ndarray, *, version: int | None = None) -> Prediction:
+    def predict(self, images: Sequence[np.ndarray], *, version: int | None = None) -> Prediction:
+        batch = np.stack(images)
         self.calls.append((len(batch), version))
         if self.failures:
             raise self.failures.pop(0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -108,3 +110,55 @@ def test_preprocess_holds_the_cost_while_it_decodes() -> None:
     preprocess(encoded("PNG", "RGB", 600), max_pixels=10**8, allowed_formats=["PNG"], hold=hold)
     assert seen == [600 * 600 * 4]
     assert budget.used == 0 and budget.peak == seen[0]
+
+
+_ALLOCATOR_PROBE = """
+import gc, resource, sys, threading
+from workers.budget import MIB, TOP_PAD, tune_malloc
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+assert tune_malloc()
+block = b"x" * (9 * MIB)  # a batch's Predict request
+before = faults()
+for _ in range(50):
+    copy = block[:-1] + b"y"  # a fresh 9 MiB buffer, written, then freed
+    del copy
+per_batch = (faults() - before) / 50
+# A huge image's pixels, decoded on a fetch thread and freed: its memory must
+# go back to the kernel, not stay with the process.
+base = rss()
+def decode():
+    pixels = bytearray(4 * TOP_PAD)
+    del pixels
+thread = threading.Thread(target=decode)
+thread.start()
+thread.join()
+gc.collect()
+print(per_batch, (rss() - base) / MIB)
+"""
+
+
+def test_a_tuned_worker_reuses_batch_buffers_and_gives_big_images_back() -> None:
+    """Batch-sized buffers are refilled without faulting their pages in again.
+
+    When every block of 1 MiB or more had its own mmap, each 9 MiB buffer
+    cost 2304 page faults, every batch. A block larger than what the process
+    keeps (here, a huge image decoded on a fetch thread) still goes back to
+    the kernel once freed.
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", _ALLOCATOR_PROBE],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout.split()
+    faults_per_batch, kept_mib = float(out[0]), float(out[1])
+    assert faults_per_batch < 100, faults_per_batch  # of 2 x 2304 pages
+    assert kept_mib < 16, kept_mib  # of the 256 MiB freed
