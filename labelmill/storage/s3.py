@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.session
@@ -33,6 +33,9 @@ from labelmill.errors import (
 )
 from labelmill.settings import Settings
 from labelmill.storage.uris import Location, ObjectInfo
+
+if TYPE_CHECKING:
+    from labelmill.storage.s3_get import ObstoreGets
 
 _CREDENTIAL_CODES = frozenset(
     {
@@ -65,7 +68,7 @@ _TRANSIENT_CODES = frozenset(
 _CHUNK = 1 << 20
 
 
-def make_client(settings: Settings) -> Any:
+def make_client(settings: Settings, from_session: boto3.session.Session | None = None) -> Any:
     """A boto3 S3 client with deadlines and a pool sized for the fetch concurrency."""
     config = Config(
         connect_timeout=settings.s3_connect_timeout_s,
@@ -76,7 +79,7 @@ def make_client(settings: Settings) -> Any:
         retries={"mode": "standard", "total_max_attempts": 1},
         max_pool_connections=max(10, settings.fetch_concurrency * 2),
     )
-    return session().client("s3", config=config)
+    return (from_session or session()).client("s3", config=config)
 
 
 def session() -> boto3.session.Session:
@@ -93,6 +96,15 @@ def session() -> boto3.session.Session:
     return boto3.session.Session(botocore_session=core)
 
 
+def addressable(key: str) -> bool:
+    """Whether obstore reads exactly ``key``: it has no empty segment and no control character.
+
+    ``object_store`` parses keys into a Path that refuses those (``a//b``)
+    or drops them (``/a``, ``a/``); S3 keys may have them, boto3 reads them.
+    """
+    return bool(key) and "" not in key.split("/") and key.isprintable()
+
+
 def _code(exc: ClientError) -> tuple[str, int]:
     error = exc.response.get("Error", {})
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
@@ -105,6 +117,8 @@ class S3Objects:
     def __init__(self, settings: Settings, client: Any | None) -> None:
         self._settings = settings
         self._client = client
+        self._session: boto3.session.Session | None = None
+        self._gets: ObstoreGets | None = None
         self._lock = threading.Lock()
 
     @property
@@ -113,8 +127,21 @@ class S3Objects:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = make_client(self._settings)
+                    self._session = session()
+                    self._client = make_client(self._settings, self._session)
         return self._client
+
+    @property
+    def gets(self) -> ObstoreGets:
+        """Object GETs through obstore, configured from the boto3 client (built on first use)."""
+        client = self.client
+        with self._lock:
+            if self._gets is None:
+                # Imported here: the producer, which reads no images, never pays for it.
+                from labelmill.storage.s3_get import ObstoreGets
+
+                self._gets = ObstoreGets(self._settings, client, self._session or session())
+            return self._gets
 
     def _endpoint(self) -> str:
         try:
@@ -136,7 +163,10 @@ class S3Objects:
 
     def _mapped(self, exc: ClientError, uri: str) -> LabelmillError:
         """Errors common to every operation; None-like cases are handled by callers."""
-        code, status = _code(exc)
+        return self._classified(*_code(exc), uri)
+
+    def _classified(self, code: str, status: int, uri: str) -> LabelmillError:
+        """What S3's error ``code`` (or, lacking one, the HTTP ``status``) means."""
         if code in _CREDENTIAL_CODES:
             return CredentialsError(
                 f"{uri}: S3 at {self._endpoint()} refused our credentials ({code})"
@@ -205,6 +235,14 @@ class S3Objects:
         admit: Callable[[int], None] | None = None,
         if_match: str | None = None,
     ) -> tuple[bytes, str | None]:
+        if addressable(loc.key):
+            return self.gets.get(
+                loc,
+                max_bytes,
+                admit,
+                if_match,
+                lambda code, status: self._get_error(loc, code, status, if_match),
+            )
         uri, bucket, key = loc.uri, loc.bucket, loc.key
         condition = {"IfMatch": if_match} if if_match else {}
         try:
@@ -212,15 +250,7 @@ class S3Objects:
                 uri, lambda: self.client.get_object(Bucket=bucket, Key=key, **condition)
             )
         except ClientError as exc:
-            code, _ = _code(exc)
-            if code in _MISSING_CODES or code == "NoSuchBucket":
-                raise ImageError("not_found", f"{uri} does not exist ({code})") from None
-            if code == "PreconditionFailed" and if_match:
-                raise self._not_as_listed(loc, if_match) from None
-            mapped = self._mapped(exc, uri)
-            if isinstance(mapped, CredentialsError) and code not in _CREDENTIAL_CODES:
-                raise ImageError("forbidden", f"{uri}: S3 denied access ({code})") from None
-            raise mapped from None
+            raise self._get_error(loc, *_code(exc), if_match) from None
         body = response["Body"]
         try:
             length = int(response.get("ContentLength") or 0)
@@ -235,6 +265,20 @@ class S3Objects:
             raise ImageError("too_large", f"{uri} has more than {max_bytes} bytes (the cap)")
         etag = response.get("ETag")
         return data, etag.strip('"') if etag else None
+
+    def _get_error(
+        self, loc: Location, code: str, status: int, if_match: str | None
+    ) -> LabelmillError:
+        """What a failed GET of ``loc`` means (through boto3 or obstore alike)."""
+        uri = loc.uri
+        if code in _MISSING_CODES or code == "NoSuchBucket":
+            return ImageError("not_found", f"{uri} does not exist ({code})")
+        if code in ("PreconditionFailed", "412") and if_match:
+            return self._not_as_listed(loc, if_match)
+        mapped = self._classified(code, status, uri)
+        if isinstance(mapped, CredentialsError) and code not in _CREDENTIAL_CODES:
+            return ImageError("forbidden", f"{uri}: S3 denied access ({code})")
+        return mapped
 
     def _not_as_listed(self, loc: Location, listed_etag: str) -> ImageError:
         """Why a read on the listed ETag failed: the object changed, or is gone.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -10,7 +11,8 @@ import pytest
 
 from labelmill.errors import CredentialsError, ImageError, StorageUnavailable, UsageError
 from labelmill.settings import Settings
-from labelmill.storage import Storage
+from labelmill.storage import Storage, s3_get
+from labelmill.storage.s3 import addressable
 from tests.fixtures.procs import free_port
 from tests.fixtures.servers import S3Server
 
@@ -23,6 +25,7 @@ WEIRD_KEYS = [
     "photos/sp ace#hash?q=1&x.jpg",
     "photos/emoji 😀.png",
     "photos/plus+percent%20.jpg",
+    "photos/control\x01char.jpg",  # obstore cannot address it: read through boto3
 ]
 
 
@@ -73,9 +76,72 @@ def test_client_leaves_timestamps_unparsed(s3_bucket: str) -> None:
     assert [o.uri for o in s.list(f"s3://{s3_bucket}/ts/")] == [f"s3://{s3_bucket}/ts/a.jpg"]
 
 
-def test_get_too_large_does_not_read_the_body(s3_bucket: str) -> None:
+class CountingGets:
+    """obstore's ``get``, counting calls and the bodies read (``GetResult.bytes``)."""
+
+    def __init__(self, real: Callable[..., Any]) -> None:
+        self.real = real
+        self.keys: list[str] = []
+        self.bodies_read = 0
+
+    def __call__(self, store: Any, key: str, **kwargs: Any) -> Any:
+        self.keys.append(key)
+        result = self.real(store, key, **kwargs)
+        outer = self
+
+        class Result:
+            meta = result.meta
+
+            def bytes(self) -> Any:
+                outer.bodies_read += 1
+                return result.bytes()
+
+        return Result()
+
+
+@pytest.fixture
+def obstore_gets(monkeypatch: pytest.MonkeyPatch) -> CountingGets:
+    counting = CountingGets(s3_get.obstore.get)
+    monkeypatch.setattr(s3_get.obstore, "get", counting)
+    return counting
+
+
+def test_gets_go_through_obstore_unless_it_cannot_address_the_key(
+    s3_bucket: str, obstore_gets: CountingGets
+) -> None:
     s = storage()
-    s.put(f"s3://{s3_bucket}/big.jpg", b"x" * 3_000_000)
+    plain, control = "photos/a.jpg", "photos/control\x01char.jpg"
+    for key in (plain, control):
+        s.put(f"s3://{s3_bucket}/{key}", key.encode())
+        assert s.get(f"s3://{s3_bucket}/{key}", max_bytes=100)[0] == key.encode()
+    assert obstore_gets.keys == [plain]
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("photos/a.jpg", True),
+        ("photos/a b/ü 😀+%20#?.jpg", True),
+        ("photos/a..b.jpg", True),
+        ("a//b.jpg", False),  # object_store refuses empty segments
+        ("/a.jpg", False),  # and would drop these
+        ("photos/", False),
+        ("", False),
+        ("a\x01b.jpg", False),  # control characters
+        ("a\nb.jpg", False),
+    ],
+)
+def test_addressable_keys(key: str, expected: bool) -> None:
+    assert addressable(key) is expected
+
+
+@pytest.mark.parametrize("key", ["big.jpg", "big\x01.jpg"])  # through obstore, through boto3
+def test_get_too_large_does_not_read_the_body(
+    s3_bucket: str, key: str, obstore_gets: CountingGets
+) -> None:
+    s = storage()
+    uri = f"s3://{s3_bucket}/{key}"
+    s.put(uri, b"x" * 3_000_000)
     read: list[int] = []
 
     class Spy:
@@ -102,11 +168,12 @@ def test_get_too_large_does_not_read_the_body(s3_bucket: str) -> None:
 
     spied = Storage(Settings(), s3_client=Spy(s.s3_client))
     with pytest.raises(ImageError) as info:
-        spied.get(f"s3://{s3_bucket}/big.jpg", max_bytes=1000)
+        spied.get(uri, max_bytes=1000)
     assert info.value.kind == "too_large"
-    assert f"s3://{s3_bucket}/big.jpg" in str(info.value)
-    assert sum(read) == 0
-    assert len(spied.get(f"s3://{s3_bucket}/big.jpg", max_bytes=3_000_000)[0]) == 3_000_000
+    assert uri in str(info.value)
+    assert sum(read) == 0 and obstore_gets.bodies_read == 0
+    assert len(spied.get(uri, max_bytes=3_000_000)[0]) == 3_000_000
+    assert sum(read) + obstore_gets.bodies_read > 0  # the spies see a body that is read
 
 
 def test_missing_objects(s3_bucket: str) -> None:
