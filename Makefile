@@ -90,6 +90,7 @@ proto: $(STAMP)
 	$(BIN)/python -m labelmill._proto.generate
 
 bench: install
+	rm -f bench/out/summary.jsonl
 	$(BIN)/python bench/preprocess.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/e2e.py --concurrency 2 --rounds 2
@@ -98,6 +99,7 @@ bench: install
 	$(BIN)/python bench/enqueue.py --rounds 2
 	$(BIN)/python bench/incremental.py
 	$(BIN)/python bench/browse.py
+	$(BIN)/python bench/summary.py
 
 clean:
 	rm -rf $(VENV) $(TOOLS) $(STACK_DIR) .pytest_cache .mypy_cache .ruff_cache *.egg-info

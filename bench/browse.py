@@ -35,6 +35,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT, cores, vm_hwm_mb
+from summary import report
 
 from labelmill.job.folder import JobFolder
 from labelmill.job.model import JobSpec
@@ -124,6 +125,9 @@ def main() -> None:
         "yes" if met else "NO",
     )
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+    report(f"browse aggregates, {args.lines:,} lines, vs json count",
+           f"{ratio:.2f}x, {growth:.0f} MB, {page_kb:.0f} kB",
+           f"<= {MAX_RATIO}x, < {MAX_GROWTH_MB:.0f} MB, < {MAX_PAGE_KB:.0f} kB", met)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from common import (
     timed,
     vm_hwm_mb,
 )
+from summary import report
 
 from labelmill.hardware import bf16_instructions, machine
 from labelmill.settings import DEFAULT_FORMATS
@@ -199,9 +200,14 @@ def main() -> None:
             f">= {target}, < {TARGET_RSS_MB:.0f} MB",
             "yes" if met else "NO",
         )
+        report(f"job with {p} serving (-c {c}) vs fp32 Keras in process",
+               f"{ratio:.2f}, {peaks[p, c]:.0f} MB", f">= {target}, < {TARGET_RSS_MB:.0f} MB",
+               met)  # fmt: skip
     if "bf16" in wanted and not bf16:
         table.add_row("end to end, bf16 serving", "not supported on this CPU", "", "", "", "",
                       f">= {TARGET_BF16}", "")  # fmt: skip
+        report("job with bf16 serving vs fp32 Keras in process", "not supported on this CPU",
+               f">= {TARGET_BF16}", None)  # fmt: skip
     table.add_row("worker main process peak RSS", f"{main_rss:.0f} MB", "", "", "", "", "", "")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     print("CPU ms per image by part of the stack (last round):")

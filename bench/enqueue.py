@@ -41,6 +41,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT, ROOT, cores, run_producer
+from summary import report
 
 from labelmill.storage.s3 import session as s3_session
 from tests.fixtures.servers import RedisServer, S3Server
@@ -235,6 +236,9 @@ def main() -> None:
             target = f">= {LOCAL_MIN_KEYS_S} keys/s, < {MAX_RSS_MB:.0f} MB"
             met = rate >= LOCAL_MIN_KEYS_S
         met = met and rss_b < MAX_RSS_MB and rss_b < rss_s * 1.15
+        result = f"{ratio:.2f} of bare" if name == "S3" else f"{rate:,.0f} keys/s"
+        report(f"enqueue {big:,} keys, {name}", f"{result}, {rss_s:.0f} -> {rss_b:.0f} MB",
+               f"{target}, flat", met)  # fmt: skip
         table.add_row(
             name,
             f"{bare:,.0f}",

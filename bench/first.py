@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import CELERY, ROOT, photographs, stack, timed
+from summary import report
 
 from labelmill.hardware import machine
 from tests.fixtures.procs import Proc, wait_until
@@ -96,6 +97,7 @@ def main() -> None:
         met = "yes" if m <= target else "NO"
         shown = " ".join(f"{v:.2f}" for v in values)
         print(f"  {what}: {m:.2f} s (target <= {target} s, met: {met}); rounds: {shown}")
+        report(what, f"{m:.2f} s", f"<= {target} s", m <= target)
 
 
 if __name__ == "__main__":

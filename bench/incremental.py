@@ -37,6 +37,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT, ROOT, cores, run_producer
+from summary import report
 
 from labelmill.job.folder import JobFolder
 from labelmill.job.model import JobSpec
@@ -171,6 +172,9 @@ def main() -> None:
         )
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    report(f"enqueue --incremental, {args.keys:,} keys, vs plain",
+           f"{ratio:.2f}x, {big['inc_rss']:.0f} MB",
+           f"<= {MAX_TIME_RATIO}x, < {MAX_RSS_MB:.0f} MB, flat", met)  # fmt: skip
     console.print(
         f"target: incremental RSS < {MAX_RSS_MB:.0f} MB and flat (10x keys, < 15 % more), "
         f"time <= {MAX_TIME_RATIO}x plain: {'met' if met else 'NOT met'}"

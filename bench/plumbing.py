@@ -28,6 +28,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import cores, describe, photographs, self_cpu_s, stack, timed, vm_hwm_mb
+from summary import report
 
 from labelmill.hardware import machine
 from labelmill.settings import DEFAULT_FORMATS
@@ -149,6 +150,10 @@ def main() -> None:
         "yes" if worker_ratio <= TARGET_WORKER_CPU else "NO",
     )
     table.add_row("worker pool process peak RSS", f"{peak:.0f} MB", "", "", "", "", "")
+    report("tiny-model job vs bare decode", f"{ratio:.2f}", f">= {TARGET_RATIO}",
+           ratio >= TARGET_RATIO)  # fmt: skip
+    report("worker CPU per image vs bare decode", f"{worker_ratio:.2f}x",
+           f"<= {TARGET_WORKER_CPU}x", worker_ratio <= TARGET_WORKER_CPU)  # fmt: skip
     Console(width=None if sys.stdout.isatty() else 150).print(table)
     print("CPU ms per image by part of the stack (last round):")
     print(f"  bare decode+resize: {1000 / med(bare_cpu):.2f}")

@@ -39,6 +39,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT, describe, model_base, photographs, timed
+from summary import report
 
 from labelmill.hardware import NO_BF16, bf16_instructions, machine
 from labelmill.model_client import ModelClient, Prediction
@@ -148,6 +149,8 @@ def main() -> None:
     served = ratio("served fp32", "in-process")
     table.add_row("served fp32", f"{med(rates['served fp32']):.2f}", f"{served:.2f}", "1.00",
                   f">= {TARGET_SERVED}", "yes" if served >= TARGET_SERVED else "NO")  # fmt: skip
+    report("served fp32 vs Keras in process", f"{served:.2f}", f">= {TARGET_SERVED}",
+           served >= TARGET_SERVED)  # fmt: skip
     if bf16:
         table.add_row(f"served bf16 ({bf16})", f"{med(rates['served bf16']):.2f}",
                       f"{ratio('served bf16', 'in-process'):.2f}",

@@ -1,8 +1,10 @@
 """S3 (and S3-compatible stores such as SeaweedFS) through boto3.
 
 Endpoint, region and credentials come from the AWS SDK's own chain
-(``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles...). botocore
-errors are mapped onto labelmill's hierarchy here, in one place.
+(``AWS_ENDPOINT_URL_S3``, ``AWS_ACCESS_KEY_ID``, profiles...). S3's errors
+are mapped onto labelmill's hierarchy here, in one place. An object's GET
+goes through obstore, configured from the boto3 client, where obstore can
+address the key (``labelmill.storage.s3_get``): it costs a quarter of the CPU.
 """
 
 from __future__ import annotations
