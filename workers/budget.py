@@ -155,7 +155,8 @@ def tune_malloc() -> bool:
       next batch: 450 minor faults and 1.4 ms of system CPU per image when
       every block of 1 MiB or more had its own mmap (bench/plumbing.py), as
       much as the S3 GET. Tuned: 3 faults and 0.3 ms, and the pool process
-      peaks lower (148 vs 150 MB), one arena replacing nine.
+      peaked lower (148 vs 150 MB, before obstore's GETs), one arena
+      replacing nine.
 
     The process thus keeps up to 64 MiB it does not use;
     ``worker_budget_bytes`` leaves half the container's limit for the

@@ -136,14 +136,15 @@ class S3Objects:
     @property
     def gets(self) -> ObstoreGets:
         """Object GETs through obstore, configured from the boto3 client (built on first use)."""
-        client = self.client
-        with self._lock:
-            if self._gets is None:
-                # Imported here: the producer, which reads no images, never pays for it.
-                from labelmill.storage.s3_get import ObstoreGets
+        if self._gets is None:  # once per process: not every GET takes the lock
+            client = self.client
+            with self._lock:
+                if self._gets is None:
+                    # Imported here: the producer, which reads no images, never pays for it.
+                    from labelmill.storage.s3_get import ObstoreGets
 
-                self._gets = ObstoreGets(self._settings, client, self._session or session())
-            return self._gets
+                    self._gets = ObstoreGets(self._settings, client, self._session or session())
+        return self._gets
 
     def _endpoint(self) -> str:
         try:
