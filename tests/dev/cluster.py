@@ -77,7 +77,16 @@ class Cluster:
         try:
             return wait_until(check, timeout=timeout, interval=0.25, what=what)
         except TimeoutError as exc:
-            raise AssertionError(f"{exc}\n--- up ---\n{self.tail()}") from None
+            raise AssertionError(
+                f"{exc}\n--- up ---\n{self.tail()}\n--- scaled objects ---\n{self._scalers()}"
+            ) from None
+
+    def _scalers(self) -> str:
+        """KEDA's last poll per ScaledObject (metric, activity, reason or trigger error)."""
+        try:
+            return json.dumps(self.status().get("scaledobjects"), indent=1)
+        except (OSError, ValueError) as exc:
+            return f"status.json unreadable: {exc}"
 
     # -- what it reports ------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -174,8 +174,17 @@ def test_a_tf_serving_rollout_mid_job_fails_no_batch_and_new_pods_take_the_traff
 def test_the_bf16_patch_serves_in_bfloat16_only_on_a_node_whose_cpu_has_it(
     cluster: Cluster,
 ) -> None:
-    """``k8s/patches/tf-serving-bf16.yaml``, applied as ``kubectl patch --patch-file`` does."""
+    """``k8s/patches/tf-serving-bf16.yaml``, applied as ``kubectl patch --patch-file`` does.
+
+    The patch lands on a model tier that KEDA has scaled to zero, so the pod
+    that the job wakes is a patched one and stays up while the job runs plus
+    the cooldown. (Patched mid-idle with an old pod still up, the new pod
+    raced KEDA's scale to zero: a 20-image job ends on the old pod within a
+    second, and the patched pod could be deleted before it was ever ready.)
+    """
     c = cluster
+    c.wait(lambda: c.tier(MODEL_TIER)["replicas"] == 0, timeout=120,
+           what="the model tier scaled to zero")  # fmt: skip
     before = {rs["hash"] for rs in c.tier(MODEL_TIER)["replica_sets"]}
     c.ctl("patch", f"deployment/{MODEL_TIER}", "--patch-file",
           str(REPO / "k8s" / "patches" / "tf-serving-bf16.yaml"))  # fmt: skip
@@ -203,7 +212,8 @@ def test_the_bf16_patch_serves_in_bfloat16_only_on_a_node_whose_cpu_has_it(
             c.ctl("undo", f"deployment/{MODEL_TIER}")  # the job then runs on fp32 pods
             undone = True
         else:
-            # KEDA may run one or two model pods for the job: each is patched.
+            # KEDA may run one or two model pods for the job: each is patched
+            # (the old ReplicaSet is at zero).
             ready = c.wait(lambda: [p for p in patched_pods() if p["ready"]], timeout=120,
                            what="a patched model pod ready")  # fmt: skip
             pid = ready[0]["containers"][MODEL_TIER]["pid"]
