@@ -25,7 +25,7 @@ import yaml
 from labelmill.dev.cluster.node import pod_resources
 from labelmill.job import Ledger
 from tests import images
-from tests.fixtures.procs import wait_until
+from tests.fixtures.procs import GiveUp, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "labelmill.dev.cluster"]
@@ -71,7 +71,7 @@ class Cluster:
         def check() -> Any:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"up exited ({self.proc.returncode}):\n{self.tail()}")
+                raise GiveUp(f"up exited ({self.proc.returncode}):\n{self.tail()}")
             return condition()
 
         try:

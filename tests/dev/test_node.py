@@ -22,6 +22,7 @@ from labelmill.dev.cluster.node import (
     QuantityError,
     Resources,
     cpu_millis,
+    machine_memory_available,
     memory_bytes,
     node_labels,
     parse_quantity,
@@ -232,6 +233,28 @@ def test_an_oom_kill_of_one_process_ends_the_whole_container(tmp_path: Path) -> 
         pool = pod.containers[0]
         wait_until(lambda: pool.last_reason, timeout=60, what="the container to end")
         assert (pool.last_reason, pool.last_exit) == ("OOMKilled", 137), logs
+
+
+@pytest.mark.parametrize("v2", [True, False])
+def test_a_cgroups_file_cache_counts_as_available_as_the_kubelet_counts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v2: bool
+) -> None:
+    """Usage less inactive file cache is the working set; the limit less that is available."""
+    from labelmill.dev.cluster import node
+
+    if v2:
+        files = {"memory.max": 1 * Gi, "memory.current": 900 * Mi}
+        stat = f"anon {100 * Mi}\nactive_file 0\ninactive_file {800 * Mi}\n"
+    else:  # the cgroup's own counter first, then the hierarchy's total
+        files = {"memory.limit_in_bytes": 1 * Gi, "memory.usage_in_bytes": 900 * Mi}
+        stat = f"inactive_file {10 * Mi}\ntotal_rss {100 * Mi}\ntotal_inactive_file {800 * Mi}\n"
+    for name, value in files.items():
+        (tmp_path / name).write_text(f"{value}\n")
+    (tmp_path / "memory.stat").write_text(stat)
+    monkeypatch.setattr(node, "_own_cgroup", lambda: (tmp_path, v2))
+    assert machine_memory_available() == 1 * Gi - 100 * Mi  # MemAvailable is far larger here
+    (tmp_path / "memory.stat").write_text("active_file 0\n")
+    assert machine_memory_available() == 1 * Gi - 900 * Mi
 
 
 def test_up_refuses_a_node_bigger_than_the_machine(tmp_path: Path) -> None:

@@ -239,7 +239,16 @@ def schedule(node: Node, pods: Sequence[P]) -> list[P]:
 
 
 def machine_memory_available() -> int:
-    """What this machine can give now: MemAvailable, capped by our own cgroup's limit."""
+    """What this machine can give now: MemAvailable, capped by our own cgroup's limit.
+
+    Within the cgroup, what is used is the working set, as the kubelet counts
+    it for its ``memory.available`` signal: usage less the inactive file
+    cache, which the kernel reclaims before it would kill anything
+    (pkg/kubelet/eviction/helpers.go, makeSignalObservations: available =
+    capacity - workingSet; cadvisor container/libcontainer/handler.go,
+    setMemoryStats: workingSet = usage - inactive_file). A cgroup that has
+    written gigabytes of files is not out of memory.
+    """
     available = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
@@ -251,8 +260,19 @@ def machine_memory_available() -> int:
             limit = (path / ("memory.max" if v2 else "memory.limit_in_bytes")).read_text().strip()
             usage = (path / ("memory.current" if v2 else "memory.usage_in_bytes")).read_text()
             if limit != "max":
-                available = min(available, int(limit) - int(usage))
+                working_set = int(usage) - _inactive_file(path / "memory.stat", v2)
+                available = min(available, int(limit) - max(working_set, 0))
     return available
+
+
+def _inactive_file(stat: Path, v2: bool) -> int:
+    """The cgroup's inactive file cache, hierarchy included (v1: ``total_inactive_file``)."""
+    key = "inactive_file" if v2 else "total_inactive_file"
+    for line in stat.read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
 
 
 def _own_cgroup() -> tuple[Path, bool] | None:
