@@ -104,10 +104,14 @@ class Settings(BaseSettings):
     @field_validator("allowed_formats")
     @classmethod
     def _known_formats(cls, value: list[str]) -> list[str]:
+        names = [v.upper() for v in value]
+        if set(names) <= set(DEFAULT_FORMATS):
+            # Known names (a test checks them against Pillow): every process
+            # that reads settings is spared Pillow's plugins (~30 ms).
+            return names
         from PIL import Image
 
         Image.init()
-        names = [v.upper() for v in value]
         unknown = [n for n in names if n not in Image.OPEN]
         if unknown:
             raise ValueError(f"unknown image formats {unknown}; Pillow names such as JPEG, PNG")
