@@ -1,6 +1,6 @@
 """``producer enqueue`` over 100,000 objects: keys/s and peak RSS, beside a bare listing.
 
-Two sources hold the same names (``k/00000.jpg`` ... tiny bodies): a bucket
+Two sources hold the same names (``00000.jpg`` ... with tiny bodies): a bucket
 on SeaweedFS's S3 gateway and a local folder. For each, in the same run:
 
 - the bare listing: boto3's ``list_objects_v2`` paginator with its defaults
@@ -52,8 +52,13 @@ LOCAL_MIN_KEYS_S = 50_000
 MAX_RSS_MB = 150.0
 
 
-def key(i: int) -> str:
-    return f"k/{i:05d}.jpg"
+def prefix(keys: int) -> str:
+    """Each size has a prefix of its own: a bucket kept from a larger run is not miscounted."""
+    return f"k{keys}/"
+
+
+def key(keys: int, i: int) -> str:
+    return f"{prefix(keys)}{i:05d}.jpg"
 
 
 def ensure_bucket(s3: S3Server, keys: int) -> None:
@@ -61,7 +66,9 @@ def ensure_bucket(s3: S3Server, keys: int) -> None:
     client = s3.client(max_pool_connections=64)
     try:
         client.head_bucket(Bucket=BUCKET)
-        marker = client.list_objects_v2(Bucket=BUCKET, Prefix="k/", StartAfter=key(keys - 2))
+        marker = client.list_objects_v2(
+            Bucket=BUCKET, Prefix=prefix(keys), StartAfter=key(keys, keys - 2)
+        )
         if marker.get("KeyCount", 0) >= 1:
             return
     except Exception:  # no bucket yet
@@ -69,7 +76,7 @@ def ensure_bucket(s3: S3Server, keys: int) -> None:
     print(f"uploading {keys} objects (once)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with ThreadPoolExecutor(64) as pool:
-        put = lambda i: client.put_object(Bucket=BUCKET, Key=key(i), Body=b"x")  # noqa: E731
+        put = lambda i: client.put_object(Bucket=BUCKET, Key=key(keys, i), Body=b"x")  # noqa: E731
         list(pool.map(put, range(keys)))
     print(f"uploaded in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
 
@@ -82,7 +89,7 @@ def ensure_folder(keys: int) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     (folder / "k").mkdir(parents=True)
     for i in range(keys):
-        (folder / key(i)).write_bytes(b"x")
+        (folder / "k" / f"{i:05d}.jpg").write_bytes(b"x")
     done.touch()
     return folder / "k"
 
@@ -129,9 +136,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     big, small = args.keys, args.small
-    # Keys are k/00000.jpg...: a power of ten below 100,000 is a prefix of zeros.
+    # Keys are k100000/00000.jpg...: a power of ten below 100,000 is a prefix of zeros.
     assert big <= 100_000 and small < big and len(str(small).strip("0")) == 1, (big, small)
-    small_prefix = "k/" + "0" * (5 - len(str(small)) + 1)
+    small_prefix = prefix(big) + "0" * (5 - len(str(small)) + 1)
 
     weed_dir = OUT / "enqueue-weed"
     weed_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +172,7 @@ def main() -> None:
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket="labels")
         sources = {
-            "S3": (f"s3://{BUCKET}/k/", f"s3://{BUCKET}/{small_prefix}", "s3://labels/"),
+            "S3": (f"s3://{BUCKET}/{prefix(big)}", f"s3://{BUCKET}/{small_prefix}", "s3://labels/"),
             # A local source must be a folder: the small one is a folder of its own.
             "local folder": (f"{folder}/", f"{ensure_folder(small)}/", f"{out_dir}/"),
         }
@@ -174,10 +181,10 @@ def main() -> None:
             warm, cpu, same_parser = [], [], []
             for _ in range(args.rounds):
                 if name == "S3":
-                    n, secs = bare_s3(s3.client(), "k/")
+                    n, secs = bare_s3(s3.client(), prefix(big))
                     # The same listing through labelmill's session (timestamps
                     # left as text): what the producer's own work costs on top.
-                    m, same = bare_s3(s3.client(session=s3_session()), "k/")
+                    m, same = bare_s3(s3.client(session=s3_session()), prefix(big))
                     assert m == big, m
                     same_parser.append(m / same)
                 else:
