@@ -155,20 +155,33 @@ def broker_client(app: Celery) -> redis.Redis:
 def pending_batches(client: redis.Redis, job_id: str) -> set[int]:
     """Batch numbers of ``job_id`` that have a message: queued, or delivered and unacked.
 
-    Reads kombu's Redis layout (the queue list and the ``unacked`` hash), so
-    `producer retry` can tell a batch still on its way from one whose message
-    was lost (a worker took it in the instant Redis died, before kombu
-    recorded it as unacknowledged).
+    `producer retry` tells a batch still on its way from one whose message
+    was lost (see :func:`pending_messages`).
     """
+    return {b for j, b in pending_messages(client) if j == job_id}
+
+
+def pending_messages(client: redis.Redis) -> set[tuple[str, int]]:
+    """(job, batch) of every classify message: queued, or delivered and unacked.
+
+    Reads kombu's Redis layout: the queue lists, and the ``unacked`` hash
+    where a delivered message stays until it is acknowledged. A batch in
+    neither lost its message (``labelmill.lost``). The two are read one after
+    the other, not atomically: a message moving from the queue to the hash
+    in that instant is in neither, so one look proves nothing.
+    """
+    raw = cast(dict[str, str], client.hgetall("unacked"))
     unacked = (
         _task_kwargs(message[0])
-        for value in cast(dict[str, str], client.hgetall("unacked")).values()
+        for value in raw.values()
         if isinstance(message := json.loads(value), list) and message
     )
     return {
-        kwargs["batch_no"]
+        (kwargs["job_id"], kwargs["batch_no"])
         for kwargs in itertools.chain(queued_tasks(client), unacked)
-        if kwargs and kwargs.get("job_id") == job_id and isinstance(kwargs.get("batch_no"), int)
+        if kwargs
+        and isinstance(kwargs.get("job_id"), str)
+        and isinstance(kwargs.get("batch_no"), int)
     }
 
 

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     # back on the queue. kombu's own default is one sweep per ~100 s
     # (interval 10 s x throttle 10); we sweep every interval.
     restore_interval_s: int = Field(default=10, ge=1)
+    # How often the workers clean up after the dead, one worker per round:
+    # what a dead producer marked and never sent (labelmill/orphans.py),
+    # manifests a dead worker claimed (labelmill/job/status.py), and batches
+    # whose message a dead worker took with it, sent again once two rounds
+    # found them without one (labelmill/lost.py).
+    sweep_interval_s: float = Field(default=30.0, gt=0)
     metrics_port: int | None = None
 
     # Object storage deadlines (boto3).

@@ -66,7 +66,7 @@ def create_app(settings: Settings) -> Celery:
     tune_malloc()  # before Celery starts threads or forks its pool
     app = make_celery(settings)
     app.conf.worker_consumer = "workers.consumer:Consumer"
-    signals.connect(settings)  # metrics endpoint, heartbeat, visibility, orphan sweep
+    signals.connect(settings, app)  # metrics endpoint, heartbeat, visibility, sweeps
     services = ProcessServices(settings)
 
     def pool_size(sender: Any = None, **_: Any) -> None:

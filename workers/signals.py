@@ -9,8 +9,8 @@ Kept out of the task body (dramatiq keeps such concerns in middleware):
   heartbeat file, start the thread that keeps the messages this worker holds
   from being redelivered (``workers.visibility``) and, when
   ``LABELMILL_METRICS_PORT`` is set, start the Prometheus endpoint; and the
-  sweep that drops what dead producers marked outstanding but never sent
-  (``labelmill.orphans``). Starting
+  sweep that cleans up after dead producers and workers (``start_sweeper``).
+  Starting
   it here, after the fork, keeps the server thread in the main process only;
   pool children write their values to the multiprocess folder and the
   endpoint sums them.
@@ -49,6 +49,8 @@ from celery.signals import (
 )
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from labelmill.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,16 +99,16 @@ def _reset_metrics(**_: Any) -> None:
     metrics.reset_multiproc_dir()
 
 
-def connect(settings: Settings) -> None:
-    """Connect the hooks that need the worker's settings (``workers.app`` calls this)."""
+def connect(settings: Settings, app: Celery) -> None:
+    """Connect the hooks that need the worker's settings and app (``workers.app`` calls this)."""
 
     def ready(**_: Any) -> None:
-        _ready(settings)
+        _ready(settings, app)
 
     worker_ready.connect(ready, weak=False)
 
 
-def _ready(settings: Settings) -> None:
+def _ready(settings: Settings, app: Celery) -> None:
     touch_heartbeat()
     if settings.metrics_port is not None:
         try:
@@ -114,15 +116,17 @@ def _ready(settings: Settings) -> None:
         except OSError as exc:  # port taken: run without metrics rather than not at all
             log.error("metrics endpoint on :%d: %s", settings.metrics_port, exc)
     start_visibility_refresher(settings.redis_url, settings.visibility_timeout_s)
-    start_sweeper(settings)
+    start_sweeper(settings, app)
 
 
-def start_sweeper(settings: Settings) -> None:
-    """Each lease period, clean up after the dead, in a thread of the main process.
+def start_sweeper(settings: Settings, app: Celery) -> None:
+    """Clean up after the dead, in a thread of the main process.
 
-    Drop what dead producers marked but never sent (labelmill/orphans.py),
-    and write the manifest of a complete job whose claimant died before it
-    did (``labelmill.job.status.close_abandoned``).
+    Every ``sweep_interval_s`` one worker (whichever claims the round) drops
+    what dead producers marked but never sent (labelmill/orphans.py), writes
+    the manifest of a complete job whose claimant died before it did
+    (``labelmill.job.status.close_abandoned``), and sends again the batches
+    whose message a dead worker took with it (labelmill/lost.py).
     """
     import threading
 
@@ -131,24 +135,33 @@ def start_sweeper(settings: Settings) -> None:
     from labelmill.errors import LabelmillError
     from labelmill.job import Ledger
     from labelmill.job.status import close_abandoned
-    from labelmill.orphans import LEASE_S, drop_orphans
+    from labelmill.lost import resend_lost
+    from labelmill.orphans import drop_orphans
     from labelmill.storage import Storage
 
     ledger = Ledger.from_settings(settings)
     storage = Storage(settings)
     broker = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10)
 
+    every = settings.sweep_interval_s
+
+    def sweep() -> None:
+        drop_orphans(ledger, broker)
+        for job_id in close_abandoned(storage, ledger):
+            log.warning("job %s: its manifest was claimed, not written; written now", job_id)
+        # Rounds are at least 0.9 x every apart: a batch missing at two is lost.
+        resend_lost(ledger, broker, app, storage, min_gap_s=every / 2)
+
     def loop() -> None:
         while True:
             try:
-                drop_orphans(ledger, broker)
-                for job_id in close_abandoned(storage, ledger):
-                    log.warning(
-                        "job %s: its manifest was claimed, not written; written now", job_id
-                    )
+                # A little less than the interval: the next round is claimable
+                # when the workers' clocks (their sleeps) come round to it.
+                if ledger.claim_sweep("cleanup", every * 0.9):
+                    sweep()
             except (LabelmillError, redis.RedisError) as exc:  # Redis or S3 down: next round
                 log.warning("sweep: %s", exc)
-            time.sleep(LEASE_S)
+            time.sleep(every)
 
     threading.Thread(target=loop, name="orphans", daemon=True).start()
 

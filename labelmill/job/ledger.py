@@ -11,6 +11,9 @@ Keys (prefix ``p``, default ``labelmill``)::
     p:outstanding           zset  "<job>:<batch>" -> enqueue time (KEDA reads ZCARD)
     p:producers             zset  job id -> lease expiry of its running producer
                                   (labelmill/orphans.py)
+    p:missing               hash  "<job>:<batch>" -> when a sweep first found the
+                                  outstanding batch with no message (labelmill/lost.py)
+    p:sweep:<name>          a worker's claim on the next sweep of that name
 
 Every counter update that could race goes through a Lua script, so a
 redelivered batch never double-counts and exactly one caller learns that a
@@ -24,7 +27,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, NamedTuple, cast
 
@@ -167,6 +170,10 @@ class Ledger:
     @property
     def jobs_key(self) -> str:
         return f"{self.p}:jobs"
+
+    @property
+    def missing_key(self) -> str:
+        return f"{self.p}:missing"
 
     @staticmethod
     def member(job_id: str, batch_no: int) -> str:
@@ -430,6 +437,55 @@ class Ledger:
         with _redis():
             for member, _score in self.r.zscan_iter(self.outstanding_key, match=f"{prefix}*"):
                 yield int(str(member)[len(prefix) :])
+
+    def outstanding_by_job(self) -> dict[str, list[int]]:
+        """Every outstanding batch, by job."""
+        found: dict[str, list[int]] = {}
+        with _redis():
+            for member, _score in self.r.zscan_iter(self.outstanding_key, count=1000):
+                job_id, _, batch_no = str(member).rpartition(":")
+                found.setdefault(job_id, []).append(int(batch_no))
+        return found
+
+    def done_among(self, job_id: str, batch_nos: Collection[int]) -> set[int]:
+        """Which of ``batch_nos`` are done (one round trip)."""
+        key = self.keys(job_id).done
+        pipe = self.r.pipeline(transaction=False)
+        for b in batch_nos:
+            pipe.getbit(key, b)
+        with _redis():
+            bits = pipe.execute()
+        return {b for b, bit in zip(batch_nos, bits, strict=True) if bit}
+
+    # -- sweeps (labelmill/orphans.py, labelmill/lost.py) ----------------------
+    def claim_sweep(self, name: str, period_s: float) -> bool:
+        """True for one caller per ``period_s``: the worker that runs this round's sweep."""
+        with _redis():
+            return bool(
+                self.r.set(f"{self.p}:sweep:{name}", "1", nx=True, px=max(1, int(period_s * 1000)))
+            )
+
+    def note_missing(
+        self, missing: Collection[tuple[str, int]], now: float, keep_s: float
+    ) -> dict[tuple[str, int], float]:
+        """Record the batches a sweep found without a message; return when each was first found.
+
+        Replaces the previous sweep's list: a batch found again keeps its first
+        time, one not found again is forgotten. The list lapses ``keep_s``
+        after the last sweep.
+        """
+        with _redis():
+            before = cast(dict[str, str], self.r.hgetall(self.missing_key))
+            first = {(j, b): float(before.get(self.member(j, b), now)) for j, b in missing}
+            pipe = self.r.pipeline()
+            pipe.delete(self.missing_key)
+            if first:
+                pipe.hset(
+                    self.missing_key, mapping={self.member(j, b): t for (j, b), t in first.items()}
+                )
+                pipe.pexpire(self.missing_key, max(1, int(keep_s * 1000)))
+            pipe.execute()
+        return first
 
     def recent_jobs(self, limit: int = 20) -> list[str]:
         with _redis():

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from labelmill.queue import queued_tasks
+from labelmill.queue import pending_batches, queue_lists, queued_tasks
 from tests import images
 from tests.faults.helpers import (
     check_job,
@@ -110,6 +110,24 @@ def test_a_killed_worker_container_s_batches_are_back_within_two_minutes(
     for b in victims:
         assert checked.ledger_attempts[b] >= 2
     assert ledger.r.hlen("unacked") == 0
+
+
+def test_a_message_a_dying_worker_took_off_the_queue_is_sent_again(pipeline: Pipeline) -> None:
+    # kombu takes a message with BRPOP and only then records it as unacked:
+    # a worker killed in between takes it with it (labelmill/lost.py). The
+    # RPOP here is that BRPOP, by a worker that dies before the next step.
+    p = pipeline
+    job_id, inputs, out = _job(p, n=40)
+    ledger = p.ledger
+    every_batch = pending_batches(ledger.r, job_id)
+    popped = next(ledger.r.rpop(name) for name in queue_lists() if ledger.r.llen(name))
+    assert popped is not None
+    [lost] = every_batch - pending_batches(ledger.r, job_id)
+    worker = p.start_worker(concurrency=1, extra={"LABELMILL_SWEEP_INTERVAL_S": "1"})
+    p.wait_done(job_id, timeout=60)
+    checked = check_job(p, job_id, inputs, out)
+    assert checked.ledger_attempts[lost] == 1, "sent again once, run once"
+    assert f"batches [{lost}] had no message" in log_text(worker)
 
 
 def test_a_batch_longer_than_the_visibility_timeout_runs_once(
