@@ -161,6 +161,8 @@ def start_sweeper(settings: Settings, app: Celery) -> None:
                     sweep()
             except (LabelmillError, redis.RedisError) as exc:  # Redis or S3 down: next round
                 log.warning("sweep: %s", exc)
+            except Exception:  # a bug or a message nobody expected: never end the thread
+                log.exception("sweep failed; trying again next round")
             time.sleep(every)
 
     threading.Thread(target=loop, name="orphans", daemon=True).start()
