@@ -16,8 +16,12 @@ has no message (``labelmill.queue.pending_messages``) on sweeps at least
 ``min_gap_s`` apart is sent again, with the URIs its input manifest recorded
 (``labelmill.job.inputs``). One look proves nothing: the sweep reads the
 unacked hash and the queue one after the other, so a message moving between
-them in that instant is in neither. A batch sent twice costs a second run,
-never a second line (``workers.batch.run_batch`` is idempotent).
+them in that instant is in neither. And the sweep reads the messages only
+when there are fewer of them than unfinished batches (a window of 10,000
+batches is tens of megabytes of messages); a batch sent twice can hide a loss
+from that count until the job's other batches are done, not longer. A
+batch sent twice costs a second run, never a second line
+(``workers.batch.run_batch`` is idempotent).
 
 Only batches the producer recorded as sent are looked at: what a dead
 producer marked and never sent is ``labelmill.orphans``' to drop.
@@ -36,7 +40,7 @@ from labelmill.errors import JobNotFound
 from labelmill.job import JobSpec, JobState, Ledger
 from labelmill.job.folder import JobFolder
 from labelmill.job.inputs import InputLog
-from labelmill.queue import pending_messages, send_batch
+from labelmill.queue import pending_messages, queued_count, send_batch
 from labelmill.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -79,14 +83,17 @@ def resend_lost(
     now = time.time() if now is None else now
     waiting = unfinished(ledger)
     missing: set[tuple[str, int]] = set()
-    if waiting:
+    if sum(len(bs) for _spec, bs in waiting.values()) > queued_count(broker, unacked=True):
         pending = pending_messages(broker)
         missing = {(j, b) for j, (_s, bs) in waiting.items() for b in bs if (j, b) not in pending}
-    first = ledger.note_missing(missing, now, keep_s=4 * min_gap_s)
+    before = ledger.missing_since()
+    first = {m: before.get(m, now) for m in missing}
     lost: dict[str, list[int]] = {}
     for (job_id, batch_no), since in sorted(first.items()):
         if now - since >= min_gap_s:
             lost.setdefault(job_id, []).append(batch_no)
+            del first[job_id, batch_no]  # sent again: a fresh start
+    ledger.set_missing(first, keep_s=4 * min_gap_s)
     return {
         job_id: _send_again(app, storage, waiting[job_id][0], bs) for job_id, bs in lost.items()
     }

@@ -20,6 +20,8 @@ from labelmill.settings import Settings
 
 QUEUE = "classify"
 TASK = "workers.classify_batch"
+# kombu's hash of delivered, unacknowledged messages (Channel.unacked_key).
+UNACKED = "unacked"
 
 # Jobs share the queue fairly by priority. kombu's Redis transport keeps one
 # list per priority step (kombu/transport/redis.py: PRIORITY_STEPS = [0, 3, 6,
@@ -44,11 +46,17 @@ def queue_lists() -> list[str]:
     return [QUEUE if step == 0 else f"{QUEUE}{_SEP}{step}" for step in PRIORITY_STEPS]
 
 
-def queued_count(client: redis.Redis) -> int:
-    """Messages waiting in the queue, every priority step together."""
+def queued_count(client: redis.Redis, *, unacked: bool = False) -> int:
+    """Messages waiting in the queue, every priority step together.
+
+    With ``unacked``, also those delivered and not yet acknowledged: every
+    classify message that exists.
+    """
     pipe = client.pipeline(transaction=False)
     for name in queue_lists():
         pipe.llen(name)
+    if unacked:
+        pipe.hlen(UNACKED)
     return sum(int(n) for n in pipe.execute())
 
 
@@ -170,7 +178,7 @@ def pending_messages(client: redis.Redis) -> set[tuple[str, int]]:
     the other, not atomically: a message moving from the queue to the hash
     in that instant is in neither, so one look proves nothing.
     """
-    raw = cast(dict[str, str], client.hgetall("unacked"))
+    raw = cast(dict[str, str], client.hgetall(UNACKED))
     unacked = (
         _task_kwargs(message[0])
         for value in raw.values()

@@ -465,27 +465,27 @@ class Ledger:
                 self.r.set(f"{self.p}:sweep:{name}", "1", nx=True, px=max(1, int(period_s * 1000)))
             )
 
-    def note_missing(
-        self, missing: Collection[tuple[str, int]], now: float, keep_s: float
-    ) -> dict[tuple[str, int], float]:
-        """Record the batches a sweep found without a message; return when each was first found.
-
-        Replaces the previous sweep's list: a batch found again keeps its first
-        time, one not found again is forgotten. The list lapses ``keep_s``
-        after the last sweep.
-        """
+    def missing_since(self) -> dict[tuple[str, int], float]:
+        """The batches the last sweep found without a message, and since when."""
         with _redis():
-            before = cast(dict[str, str], self.r.hgetall(self.missing_key))
-            first = {(j, b): float(before.get(self.member(j, b), now)) for j, b in missing}
-            pipe = self.r.pipeline()
-            pipe.delete(self.missing_key)
-            if first:
-                pipe.hset(
-                    self.missing_key, mapping={self.member(j, b): t for (j, b), t in first.items()}
-                )
-                pipe.pexpire(self.missing_key, max(1, int(keep_s * 1000)))
+            raw = cast(dict[str, str], self.r.hgetall(self.missing_key))
+        found = {}
+        for member, since in raw.items():
+            job_id, _, batch_no = member.rpartition(":")
+            found[job_id, int(batch_no)] = float(since)
+        return found
+
+    def set_missing(self, since: Mapping[tuple[str, int], float], keep_s: float) -> None:
+        """Replace that list; it lapses ``keep_s`` after this sweep."""
+        pipe = self.r.pipeline()
+        pipe.delete(self.missing_key)
+        if since:
+            pipe.hset(
+                self.missing_key, mapping={self.member(j, b): t for (j, b), t in since.items()}
+            )
+            pipe.pexpire(self.missing_key, max(1, int(keep_s * 1000)))
+        with _redis():
             pipe.execute()
-        return first
 
     def recent_jobs(self, limit: int = 20) -> list[str]:
         with _redis():

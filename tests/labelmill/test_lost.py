@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
 from labelmill.job import Batch, JobSpec, Ledger
 from labelmill.job.folder import JobFolder
 from labelmill.job.inputs import InputLog
 from labelmill.lost import resend_lost
-from labelmill.queue import QUEUE, make_celery, pending_batches, queued_tasks, send_batch
+from labelmill.queue import (
+    QUEUE,
+    make_celery,
+    pending_batches,
+    queue_lists,
+    queued_tasks,
+    send_batch,
+)
 from labelmill.settings import Settings
 from labelmill.storage import Storage
 from tests.fixtures.procs import wait_until
@@ -104,6 +113,8 @@ def test_held_done_and_unsent_batches_are_not_lost(world: World) -> None:
     _job(w, "j2", sent=range(2), lost=set(), finished=False)
     w.ledger.mark_outstanding("j2", 2, 3)
     w.ledger.r.setbit(w.ledger.keys("j1").done, 1, 1)
+    # j3 lost one, so that the sweep reads the messages.
+    _job(w, "j3", sent=range(2), lost={0})
     # A live consumer holds one of the messages: delivered, unacknowledged
     # (closing its channel would put it back).
     with w.app.connection_for_read() as conn:
@@ -111,8 +122,41 @@ def test_held_done_and_unsent_batches_are_not_lost(world: World) -> None:
         assert w.ledger.r.hlen("unacked") == 1
         t0 = time.time()
         assert w.sweep(t0) == {}
-        assert w.sweep(t0 + GAP) == {}
+        assert w.sweep(t0 + GAP) == {"j3": [0]}
     assert w.ledger.r.hlen(w.ledger.missing_key) == 0
+
+
+class CountingRedis:
+    """A Redis client that records which commands were called on it."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+        return getattr(self.client, name)
+
+
+def test_the_messages_are_not_read_while_every_unfinished_batch_can_have_one(
+    world: World,
+) -> None:
+    w = world
+    # Batch 1's message went twice (a retry) and batch 2's was lost: as many
+    # messages as unfinished batches, so the loss hides until 0 and 1 are done.
+    _job(w, "j1", sent=range(3), lost={2})
+    send_batch(w.app, job_id="j1", batch_no=1, uris=_batch(1).uris, model_version=1)
+    broker = CountingRedis(w.ledger.r)
+    t0 = time.time()
+    for t in (t0, t0 + GAP):
+        assert resend_lost(w.ledger, broker, w.app, w.storage, min_gap_s=GAP, now=t) == {}  # type: ignore[arg-type]
+    assert "hgetall" not in broker.calls and "lrange" not in broker.calls
+    # 0 and 1 run and are acknowledged: their messages are gone.
+    w.ledger.r.setbit(w.ledger.keys("j1").done, 0, 1)
+    w.ledger.r.setbit(w.ledger.keys("j1").done, 1, 1)
+    w.ledger.r.delete(*queue_lists())
+    assert w.sweep(t0 + 2 * GAP) == {}
+    assert w.sweep(t0 + 3 * GAP) == {"j1": [2]}
 
 
 def test_one_worker_claims_each_round(world: World) -> None:
