@@ -95,7 +95,12 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         # Warm shutdown first; past this the running task is requeued.
         worker_soft_shutdown_timeout=60.0,
-        worker_enable_soft_shutdown_on_idle=True,
+        # An idle worker exits at once. Celery's soft shutdown sleeps the
+        # whole timeout whenever it runs (celery/worker/worker.py:
+        # WorkController.wait_for_soft_shutdown); run on idle, it only held
+        # an idle pod for a minute on every scale-in. Celery's reason to wait
+        # on idle is reserved ETA tasks, and labelmill sends none.
+        worker_enable_soft_shutdown_on_idle=False,
         worker_send_task_events=True,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,

@@ -182,7 +182,6 @@ def test_down_stops_every_process_it_started(cluster: Cluster) -> None:
     c = cluster
     pids = c.pids()
     assert len(pids) > 2
-    # Idle workers wait out Celery's soft shutdown (60 s, labelmill/queue.py) too.
     c.ctl("down", timeout=200)
     assert c.proc is not None and c.proc.wait(timeout=30) == 0
     wait_until(lambda: not any(alive(p) for p in pids), timeout=30, what="every pod gone")

@@ -208,6 +208,24 @@ def test_sigterm_finishes_running_batch_and_returns_prefetched(pipeline: Pipelin
     assert again <= done_before
 
 
+def test_an_idle_worker_stopped_as_kubernetes_stops_it_exits_at_once(pipeline: Pipeline) -> None:
+    # The worker Deployment remaps SIGTERM to Celery's cold shutdown, which
+    # starts with the soft shutdown (k8s/40-workers.yaml, REMAP_SIGTERM).
+    # That waits out its whole timeout (60 s) when it runs; it must not run
+    # for a worker with nothing to finish.
+    p = pipeline
+    job_id, inputs, out = _job(p, n=8)
+    worker = p.start_worker(concurrency=1, extra={"REMAP_SIGTERM": "SIGQUIT"})
+    p.wait_done(job_id)
+    stopped = time.monotonic()
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.popen.wait(timeout=60)
+    took = time.monotonic() - stopped
+    assert took < 20, f"an idle worker took {took:.0f} s to stop"
+    assert "soft shutdown" not in log_text(worker).lower()
+    check_job(p, job_id, inputs, out)
+
+
 POISON = "LABELMILL-TEST-POISON-4f1c"
 
 
