@@ -10,10 +10,9 @@ Kept out of the task body (dramatiq keeps such concerns in middleware):
   from being redelivered (``workers.visibility``) and, when
   ``LABELMILL_METRICS_PORT`` is set, start the Prometheus endpoint; and the
   sweep that cleans up after dead producers and workers (``start_sweeper``).
-  Starting
-  it here, after the fork, keeps the server thread in the main process only;
-  pool children write their values to the multiprocess folder and the
-  endpoint sums them.
+  Starting them here, after the fork, keeps these threads in the main
+  process only; pool children write their metric values to the
+  multiprocess folder and the endpoint sums them.
 - ``heartbeat_sent`` (main process, every couple of seconds while the
   consumer is connected to the broker): touch the heartbeat file. The
   Kubernetes probes run ``python -m workers.signals --max-age S``, which
