@@ -3,8 +3,8 @@
 One cluster for the module (``up --time-scale 20 --model-arch tiny``): KEDA's
 and the HPA's intervals, windows and cooldowns run twenty times faster;
 grace periods, probes and Celery's own timeouts are real. The node has room
-for one model pod and a half: the second one the HPA asks for stays
-Pending. Run these alone with ``pytest -m cluster``.
+for one model pod and four workers, not for two model pods: the second
+one the HPA asks for stays Pending. Run these alone with ``pytest -m cluster``.
 """
 
 from __future__ import annotations
@@ -32,11 +32,16 @@ MODEL_TIER = "tf-serving"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    # Room (by requests) for every fixed workload, four worker pods and one
-    # and a half model pods.
+    # Room (by requests) for every fixed workload, one model pod and four
+    # worker pods: never for a second model pod, whichever pods the
+    # scheduler places first (kube-scheduler's queue sorts by priority, then
+    # by the time a pod was queued: pkg/scheduler/framework/plugins/
+    # queuesort/priority_sort.go, Less), so four workers must need less
+    # than a model pod.
     memory = requested_memory()
     fixed = sum(m for n, m in memory.items() if n not in TIERS)
-    node = fixed + 4 * memory["workers"] + 3 * memory[MODEL_TIER] // 2
+    assert 4 * memory["workers"] < memory[MODEL_TIER], "the node would fit two model pods"
+    node = fixed + memory[MODEL_TIER] + 4 * memory["workers"]
     c = Cluster(tmp_path_factory.mktemp("cluster") / "c", "--node-memory", str(node), time_scale=20)
     try:
         c.start()
