@@ -179,6 +179,12 @@ class Ledger:
     def member(job_id: str, batch_no: int) -> str:
         return f"{job_id}:{batch_no}"
 
+    @staticmethod
+    def batch_of(member: str) -> tuple[str, int]:
+        """The (job, batch number) that ``member`` names."""
+        job_id, _, batch_no = member.rpartition(":")
+        return job_id, int(batch_no)
+
     # -- health ------------------------------------------------------------
     def ping(self) -> None:
         """Raise LedgerUnavailable unless Redis answers."""
@@ -443,8 +449,8 @@ class Ledger:
         found: dict[str, list[int]] = {}
         with _redis():
             for member, _score in self.r.zscan_iter(self.outstanding_key, count=1000):
-                job_id, _, batch_no = str(member).rpartition(":")
-                found.setdefault(job_id, []).append(int(batch_no))
+                job_id, batch_no = self.batch_of(str(member))
+                found.setdefault(job_id, []).append(batch_no)
         return found
 
     def done_among(self, job_id: str, batch_nos: Collection[int]) -> set[int]:
@@ -469,11 +475,7 @@ class Ledger:
         """The batches the last sweep found without a message, and since when."""
         with _redis():
             raw = cast(dict[str, str], self.r.hgetall(self.missing_key))
-        found = {}
-        for member, since in raw.items():
-            job_id, _, batch_no = member.rpartition(":")
-            found[job_id, int(batch_no)] = float(since)
-        return found
+        return {self.batch_of(member): float(since) for member, since in raw.items()}
 
     def set_missing(self, since: Mapping[tuple[str, int], float], keep_s: float) -> None:
         """Replace that list; it lapses ``keep_s`` after this sweep."""
