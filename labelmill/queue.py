@@ -10,13 +10,15 @@ import base64
 import itertools
 import json
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from celery import Celery
 from kombu import Producer, Queue
 
 from labelmill.settings import Settings
+
+AppT = TypeVar("AppT", bound=Celery)
 
 QUEUE = "classify"
 TASK = "workers.classify_batch"
@@ -60,9 +62,9 @@ def queued_count(client: redis.Redis, *, unacked: bool = False) -> int:
     return sum(int(n) for n in pipe.execute())
 
 
-def make_celery(settings: Settings) -> Celery:
-    """A Celery app configured for at-least-once delivery with idempotent effects."""
-    app = Celery("labelmill", broker=settings.redis_url, set_as_current=False)
+def make_celery(settings: Settings, cls: type[AppT] = Celery) -> AppT:  # type: ignore[assignment]
+    """A Celery app (of ``cls``) configured for at-least-once delivery with idempotent effects."""
+    app = cls("labelmill", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         task_default_queue=QUEUE,
         task_queues=[Queue(QUEUE, routing_key=QUEUE)],
@@ -93,7 +95,9 @@ def make_celery(settings: Settings) -> Celery:
             "socket_connect_timeout": 5,
         },
         broker_connection_retry_on_startup=True,
-        # Warm shutdown first; past this the running task is requeued.
+        # Warm shutdown first; past this the running task is requeued. The
+        # worker tier ends the wait once its running batches are over
+        # (workers/shutdown.py): Celery's own sleeps the whole timeout.
         worker_soft_shutdown_timeout=60.0,
         # An idle worker exits at once. Celery's soft shutdown sleeps the
         # whole timeout whenever it runs (celery/worker/worker.py:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from functools import cached_property
 from typing import Any
 
 from celery import Celery
@@ -23,7 +24,7 @@ from labelmill.model_client import ModelClient
 from labelmill.queue import TASK, make_celery
 from labelmill.settings import Settings
 from labelmill.storage import Storage
-from workers import signals
+from workers import shutdown, signals
 from workers.batch import Outcome, Services, run_batch
 from workers.budget import process_budget, tune_malloc
 
@@ -61,10 +62,21 @@ class ProcessServices:
             self._services.close()
 
 
+class WorkerApp(Celery):
+    """Celery, whose ``celery worker`` ends its soft shutdown when the running batches do."""
+
+    settings: Settings
+
+    @cached_property
+    def Worker(self) -> type:  # Celery's name for it
+        return self.subclass_with_self(shutdown.Worker, labelmill_settings=self.settings)
+
+
 def create_app(settings: Settings) -> Celery:
     """The worker tier's Celery app, its task and its signal hooks."""
     tune_malloc()  # before Celery starts threads or forks its pool
-    app = make_celery(settings)
+    app = make_celery(settings, WorkerApp)
+    app.settings = settings
     app.conf.worker_consumer = "workers.consumer:Consumer"
     signals.connect(settings, app)  # metrics endpoint, heartbeat, visibility, sweeps
     services = ProcessServices(settings)

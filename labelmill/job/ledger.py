@@ -431,6 +431,19 @@ class Ledger:
         with _redis():
             return bool(self.r.getbit(self.keys(job_id).done, batch_no))
 
+    def settled(self, job_id: str, batch_no: int) -> bool:
+        """The batch is done and no manifest of its job is being written.
+
+        What a stopping worker waits for (``workers.shutdown``): past this
+        point its pool has nothing of the batch left to do.
+        """
+        pipe = self.r.pipeline(transaction=False)
+        pipe.getbit(self.keys(job_id).done, batch_no)
+        pipe.zscore(self.closing_key, job_id)
+        with _redis():
+            done, closing = pipe.execute()
+        return bool(done) and closing is None
+
     def attempts(self, job_id: str) -> dict[int, int]:
         """Deliveries so far, by batch number."""
         with _redis():

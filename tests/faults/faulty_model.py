@@ -3,7 +3,8 @@
 Runs in the test's process; workers dial it instead of the model server. It
 forwards every call's bytes unchanged (no TensorFlow Serving message is
 parsed), except that while ``failing`` is set a Predict is answered with
-``code`` and never reaches the server.
+``code`` and never reaches the server, and while ``passing`` is clear a
+Predict waits (``held`` counts them) until it is set again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class FaultyModel:
         self.code = code
         self.failing = threading.Event()
         self.faults = 0
+        self.passing = threading.Event()
+        self.passing.set()
+        self.held = 0
         self._lock = threading.Lock()
         self._upstream = grpc.insecure_channel(upstream, options=_BIG)
         self._server = grpc.server(ThreadPoolExecutor(16), options=_BIG)
@@ -42,6 +46,10 @@ class FaultyModel:
                 with self._lock:
                     self.faults += 1
                 context.abort(self.code, "injected by the test's faulty front")
+            if method == PREDICT and not self.passing.is_set():
+                with self._lock:
+                    self.held += 1
+                self.passing.wait(timeout=context.time_remaining())
             try:
                 return forward(request, timeout=context.time_remaining())
             except grpc.RpcError as exc:

@@ -222,3 +222,19 @@ def test_the_manifest_has_the_same_bytes_whoever_writes_it_and_when(ledger: Ledg
     first = objects.objects["s3://out/l/j1/_manifest.json"]
     write_manifest(storage, ledger, "j1")  # a second writer, later, the job already done
     assert objects.objects["s3://out/l/j1/_manifest.json"] == first
+
+
+def test_a_batch_is_settled_once_done_and_its_manifest_written(ledger: Ledger) -> None:
+    ledger.create_job(_spec())
+    for b in range(2):
+        ledger.mark_outstanding("j1", b)
+    ledger.record_enqueued("j1", Position(2, listed=2, last_key="", images_total=2))
+    ledger.finish_enqueue("j1", 2, None)
+    assert not ledger.settled("j1", 0)
+    ledger.complete_batch("j1", 0, _t(1))
+    assert ledger.settled("j1", 0) and not ledger.settled("j1", 1)
+    # The last batch claims the manifest: not settled until it is written.
+    assert ledger.complete_batch("j1", 1, _t(1)) == (True, True)
+    assert not ledger.settled("j1", 1) and not ledger.settled("j1", 0)
+    ledger.mark_done("j1")
+    assert ledger.settled("j1", 1)
