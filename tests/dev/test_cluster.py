@@ -14,6 +14,7 @@ from labelmill.dev.cluster.expansion import (
     EnvError,
     expand,
     expand_command,
+    expand_command_static,
     make_environment,
     mapping_for,
     service_env,
@@ -66,6 +67,20 @@ def test_env_sees_only_earlier_variables_and_command_sees_all() -> None:
         "hex",
         "$(PW)",
     ]
+
+
+def test_an_exec_probe_sees_only_the_env_entries_as_written() -> None:
+    container = {
+        "envFrom": [{"configMapRef": {"name": "c"}}],
+        "env": [
+            {"name": "A", "value": "x"},
+            {"name": "B", "value": "$(A)-y"},  # as written: not expanded
+            {"name": "EMPTY", "value": ""},
+            {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}},
+        ],
+    }
+    argv = ["$(A)", "$(B)", "[$(EMPTY)]", "[$(PW)]", "$(FROM_CM)"]
+    assert expand_command_static(argv, container) == ["x", "$(A)-y", "[]", "[]", "$(FROM_CM)"]
 
 
 def test_env_value_from_sources_and_optional() -> None:

@@ -177,11 +177,15 @@ def expand_command(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
 
 
 def expand_command_static(argv: Sequence[str], container: Mapping[str, Any]) -> list[str]:
-    static = {
-        v["name"]: str(v.get("value", ""))
-        for v in container.get("env") or []
-        if "valueFrom" not in v and v.get("value")
-    }
+    """An exec probe's command, as the kubelet expands it.
+
+    pkg/kubelet/container/helpers.go ``ExpandContainerCommandOnlyStatic``:
+    its map (``v1EnvVarsToMap``) has every ``env`` entry under its name with
+    its ``value`` as written: unexpanded, and empty for a ``valueFrom`` entry
+    (which is thus referenced as the empty string, not left verbatim).
+    ``envFrom`` and Service variables are not in it.
+    """
+    static = {v["name"]: str(v.get("value", "")) for v in container.get("env") or []}
     return expand_command(argv, static)
 
 
