@@ -61,6 +61,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy bench  # scripts, not a package: checked on their own (bench/serving.py is no `serving`)
 	$(BIN)/lint-imports
 
 format: $(STAMP)

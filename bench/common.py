@@ -61,7 +61,7 @@ def _sources() -> list[tuple[str, np.ndarray]]:
         "clock",
     )  # fmt: skip
     out = [(n, getattr(data, n)()) for n in names]
-    left, right, _ = data.stereo_motorcycle()
+    left, right, _ = data.stereo_motorcycle()  # type: ignore[no-untyped-call]
     out += [("motorcycle_left", left), ("motorcycle_right", right)]
     rgb = []
     for name, pixels in out:

@@ -235,7 +235,7 @@ def main() -> None:
         f"RSS MB {big // 1000}k", "target", "met",
     ):  # fmt: skip
         table.add_column(column, justify="right")
-    for name, ratio, own, bare, dry, rate, rss_s, rss_b, warm_rate, cpu_s in rows:
+    for name, ratio, own_ratio, bare, dry, rate, rss_s, rss_b, warm_rate, cpu_s in rows:
         if name == "S3":
             target = f">= {S3_MIN_RATIO} of bare, < {MAX_RSS_MB:.0f} MB"
             met = ratio >= S3_MIN_RATIO
@@ -252,7 +252,7 @@ def main() -> None:
             f"{dry:,.0f}",
             f"{rate:,.0f}",
             f"{ratio:.2f}",
-            "" if own is None else f"{own:.2f}",
+            "" if own_ratio is None else f"{own_ratio:.2f}",
             f"{warm_rate:,.0f}",
             f"{cpu_s:.1f}",
             f"{rss_s:.0f}",

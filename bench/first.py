@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,7 +78,7 @@ def main() -> None:
                 cwd=ROOT,
             )
             try:
-                wait_until(lambda key=attempts: ledger.r.hget(key, "0"), timeout=60,
+                wait_until(partial(ledger.r.hget, attempts, "0"), timeout=60,
                            interval=0.005, what="the batch taken")  # fmt: skip
                 worker_start.append(time.perf_counter() - start)
                 st.wait_done(job_id, None, start, 120)
