@@ -5,7 +5,8 @@ random weights otherwise, and then it says so), start the stack detached,
 upload sample photographs (scikit-image's, a 12-megapixel upscale and one
 broken file) to ``s3://demo/photos/``, run ``producer enqueue`` and
 ``producer watch``, and print a table of image, top label and score.
-``--source FOLDER`` classifies your own folder instead.
+``--source FOLDER`` classifies your own folder instead; ``--model-base``,
+``--port-base`` and ``--workers`` are the stack's (``labelmill.dev.stack``).
 """
 
 from __future__ import annotations
@@ -87,17 +88,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labelmill.dev.demo", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path(".stack"))
     parser.add_argument("--source", type=Path, default=None, help="classify this folder")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--model-base", type=Path, default=None, help="default: export one into DIR/models"
+    )
+    parser.add_argument(
+        "--port-base", type=int, default=None, help="use consecutive ports from this one"
+    )
     args = parser.parse_args(argv)
     root: Path = args.dir.resolve()
-    base = root / "models" / "inception"
-    weights = stack.ensure_model(base, log=console.print)
+    ports = stack.Ports.from_base(args.port_base) if args.port_base else stack.Ports()
+    base: Path = args.model_base or root / "models" / "inception"
+    # A model of your own says what weights it has in its answers (checked below).
+    weights = "" if args.model_base else stack.ensure_model(base, log=console.print)
 
-    os.environ.update(stack.env_for(stack.Ports()))
+    os.environ.update(stack.env_for(ports))
     pidfile = root / "stack.pid"
     if not (pidfile.exists() and stack._alive(int(pidfile.read_text()))):
         console.print("starting the local stack...")
         try:
-            stack.up(root, stack.Ports(), workers=os.cpu_count() or 2, model_base=base, detach=True)
+            stack.up(root, ports, workers=args.workers, model_base=base, detach=True)
         except stack.StackError as exc:
             console.print(f"[red]stack: {exc}[/]")
             return 2
@@ -145,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             "`serving export --out .stack/models/inception --version 2 --weights imagenet` "
             "(or --weights /path/to/inception_v3_weights.h5), then run `make demo` again."
         )
-    ports = stack.Ports()
     console.print(f"results: {output}{job}/  (producer results {job})")
     console.print(f"browse:  http://127.0.0.1:{ports.browse}/jobs/{job}")
     console.print(f"Flower:  http://127.0.0.1:{ports.flower}    stop the stack: make down")

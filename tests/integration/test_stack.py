@@ -113,3 +113,39 @@ def test_stack_up_runs_a_job_and_down_stops_only_its_processes(
     )
     # Only what it started: the test session's own Redis is still up.
     assert redis_server.client().ping()  # type: ignore[attr-defined]
+
+
+def test_the_demo_labels_its_sample_photographs_and_says_the_weights_are_random(
+    tmp_path: Path, tiny_model_base: Path
+) -> None:
+    """``make demo``'s program, on the tiny model (random weights) and ports of its own."""
+    from labelmill.dev.demo import SAMPLES
+
+    stack_dir = tmp_path / "stack"
+    cmd = [sys.executable, "-m", "labelmill.dev.stack"]
+    try:
+        demo = subprocess.run(
+            [sys.executable, "-m", "labelmill.dev.demo", "--dir", str(stack_dir),
+             "--port-base", str(_free_block()), "--model-base", str(tiny_model_base),
+             "--workers", "1"],
+            cwd=REPO, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True,
+            timeout=300, check=False,
+        )  # fmt: skip
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        rows = {
+            cells[0]: cells[1:]
+            for line in demo.stdout.splitlines()
+            if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == 3
+        }
+        shown = {name for name in rows if name != "image"}
+        extra = {"chelsea-12mp.jpg", "astronaut.png", "broken.jpg"}
+        assert shown == {f"{name}.jpg" for name in SAMPLES} | extra, demo.stdout
+        assert rows["broken.jpg"][0].startswith("error:"), rows["broken.jpg"]
+        assert all(
+            float(score) > 0 for name, (_, score) in rows.items() if name in shown - {"broken.jpg"}
+        )
+        assert "RANDOM weights" in demo.stdout
+    finally:
+        down = subprocess.run([*cmd, "down", "--dir", str(stack_dir)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert down.returncode == 0, down.stderr
