@@ -18,8 +18,8 @@ is over, Celery's cold shutdown goes on at once. As with Celery's own wait,
 the finished batch's message is requeued, unacked, when the worker closes
 its channel; its next delivery finds the batch done and skips it.
 
-A running task that is not a labelmill batch, or a ledger that does not
-answer, gets Celery's behaviour: the whole timeout.
+A running task that is not a labelmill batch, or a ledger that never
+answers, gets Celery's behaviour: the whole timeout.
 """
 
 from __future__ import annotations
@@ -62,16 +62,19 @@ def wait_until_over(
     """Wait until every batch is ``settled``, at most ``timeout_s``; whether they all were.
 
     A ``None`` (a task that is no batch) is never over: it waits the timeout
-    out, as Celery does. ``settled`` raising waits the rest of it out too.
+    out, as Celery does. ``settled`` raising (Redis away) counts as not yet:
+    the next look may get an answer.
     """
     deadline = clock() + timeout_s
     left = list(batches)
+    failed = False
     while True:
         try:
             left = [b for b in left if b is None or not settled(*b)]
-        except Exception:  # in a signal handler: nothing may escape
-            log.exception("soft shutdown: cannot read the ledger; waiting the timeout out")
-            left = [None]
+        except Exception as exc:  # in a signal handler: nothing may escape
+            if not failed:
+                log.warning("soft shutdown: cannot read the ledger (%r); trying again", exc)
+            failed = True
         if not left:
             return True
         remaining = deadline - clock()

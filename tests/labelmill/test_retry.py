@@ -6,19 +6,7 @@ import pytest
 
 from labelmill.errors import InferenceError, ModelUnavailable, StorageUnavailable
 from labelmill.retry import BASE_S, Deadline, record_reserve_s, resumable, retry
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-        self.sleeps: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.sleeps.append(s)
-        self.t += s
+from tests.clock import Clock
 
 
 def _down() -> None:
