@@ -19,7 +19,7 @@ import pytest
 
 from labelmill.queue import pending_batches, queued_count
 from tests import images
-from tests.faults.faulty_model import FaultyModel
+from tests.faults.conftest import Fronted
 from tests.faults.helpers import (
     check_job,
     frozen,
@@ -119,32 +119,20 @@ def test_model_server_down_for_20s(
         model.proc.stop()
 
 
-def test_model_server_answering_internal_for_a_while(
-    pipeline_factory: MakePipeline,
-    redis_url: str,
-    s3_server: S3Server,
-    s3_bucket: str,
-    model_server: ModelServer,
-) -> None:
+def test_model_server_answering_internal_for_a_while(fronted: Fronted) -> None:
     """A server fault (INTERNAL) is retried within the batch's budget, not written as a line."""
-    with FaultyModel(model_server.target) as front:
-        p = pipeline_factory(
-            redis_url=redis_url, s3=s3_server, bucket=s3_bucket, model_target=front.target
-        )
-        try:
-            inputs = put_many(p, tiny_photos("in/", 64))
-            out = f"s3://{p.bucket}/out/"
-            front.failing.set()
-            job_id = p.enqueue(f"s3://{p.bucket}/in/", out, "--batch-size", "8")["job_id"]
-            p.start_worker(concurrency=2)
-            wait_until(lambda: front.faults >= 6, timeout=60, what="Predicts answered INTERNAL")
-            front.failing.clear()
-            p.wait_done(job_id)
-            checked = check_job(p, job_id, inputs, out)
-            assert checked.output.manifest["images"]["ok"] == 64
-            assert set(checked.ledger_attempts.values()) == {1}  # waited out, not redelivered
-        finally:
-            p.stop_workers()
+    front, p = fronted
+    inputs = put_many(p, tiny_photos("in/", 64))
+    out = f"s3://{p.bucket}/out/"
+    front.failing.set()
+    job_id = p.enqueue(f"s3://{p.bucket}/in/", out, "--batch-size", "8")["job_id"]
+    p.start_worker(concurrency=2)
+    wait_until(lambda: front.faults >= 6, timeout=60, what="Predicts answered INTERNAL")
+    front.failing.clear()
+    p.wait_done(job_id)
+    checked = check_job(p, job_id, inputs, out)
+    assert checked.output.manifest["images"]["ok"] == 64
+    assert set(checked.ledger_attempts.values()) == {1}  # waited out, not redelivered
 
 
 def _private_redis_pipeline(

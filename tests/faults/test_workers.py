@@ -20,7 +20,7 @@ import pytest
 
 from labelmill.queue import pending_batches, queue_lists, queued_tasks
 from tests import images
-from tests.faults.faulty_model import FaultyModel
+from tests.faults.conftest import Fronted
 from tests.faults.helpers import (
     check_job,
     frozen,
@@ -228,44 +228,37 @@ def test_an_idle_worker_stopped_as_kubernetes_stops_it_exits_at_once(pipeline: P
 
 
 def test_a_busy_worker_stopped_as_kubernetes_stops_it_exits_once_its_batch_is_done(
-    pipeline_factory: MakePipeline,
-    redis_url: str,
-    s3_server: Any,
-    s3_bucket: str,
-    model_server: Any,
+    fronted: Fronted,
 ) -> None:
     # Celery's soft shutdown sleeps its whole timeout (60 s) however soon the
     # running batch ends (celery#9505); the worker's own (workers/shutdown.py)
     # ends with the batch. The batch waits in its Predict until the test lets
     # it through, after the stop signal.
-    with FaultyModel(model_server.target) as front:
-        p = pipeline_factory(
-            redis_url=redis_url, s3=s3_server, bucket=s3_bucket, model_target=front.target
-        )
-        job_id, inputs, out = _job(p, n=16)
-        front.passing.clear()
-        worker = p.start_worker(concurrency=1, extra={"REMAP_SIGTERM": "SIGQUIT"})
-        wait_until(lambda: front.held == 1, timeout=60, what="a batch waiting for its Predict")
-        [running] = in_flight(p.ledger, job_id)
-        os.kill(worker.pid, signal.SIGTERM)
-        wait_until(
-            lambda: "soft shutdown" in log_text(worker).lower(),
-            timeout=30,
-            what="the soft shutdown to begin",
-        )
-        released = time.monotonic()
-        front.passing.set()
-        worker.popen.wait(timeout=90)
-        took = time.monotonic() - released
-        assert took < 20, f"a worker whose batch was done took {took:.0f} s more to stop"
-        assert p.ledger.is_done(job_id, running), "the running batch was cancelled, not finished"
-        assert "the running batches finished in" in log_text(worker)
+    front, p = fronted
+    job_id, inputs, out = _job(p, n=16)
+    front.passing.clear()
+    worker = p.start_worker(concurrency=1, extra={"REMAP_SIGTERM": "SIGQUIT"})
+    wait_until(lambda: front.held == 1, timeout=60, what="a batch waiting for its Predict")
+    [running] = in_flight(p.ledger, job_id)
+    os.kill(worker.pid, signal.SIGTERM)
+    wait_until(
+        lambda: "soft shutdown" in log_text(worker).lower(),
+        timeout=30,
+        what="the soft shutdown to begin",
+    )
+    released = time.monotonic()
+    front.passing.set()
+    worker.popen.wait(timeout=90)
+    took = time.monotonic() - released
+    assert took < 20, f"a worker whose batch was done took {took:.0f} s more to stop"
+    assert p.ledger.is_done(job_id, running), "the running batch was cancelled, not finished"
+    assert "the running batches finished in" in log_text(worker)
 
-        p.start_worker(concurrency=1, name="w1")
-        p.wait_done(job_id)
-        checked = check_job(p, job_id, inputs, out)
-        # Its message came back unacked and was skipped as already done.
-        assert checked.ledger_attempts[running] <= 2
+    p.start_worker(concurrency=1, name="w1")
+    p.wait_done(job_id)
+    checked = check_job(p, job_id, inputs, out)
+    # Its message came back unacked and was skipped as already done.
+    assert checked.ledger_attempts[running] <= 2
 
 
 POISON = "LABELMILL-TEST-POISON-4f1c"
