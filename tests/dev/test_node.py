@@ -273,3 +273,62 @@ def test_up_refuses_a_quantity_it_cannot_read(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_pod_being_deleted_is_not_killed_by_its_liveness_probe(tmp_path: Path) -> None:
+    """The kubelet stops liveness probes before it stops the containers; readiness goes on."""
+    alive, ready = tmp_path / "alive", tmp_path / "ready"
+    alive.touch()
+    # Ready once it handles SIGTERM; on SIGTERM both files go, and the
+    # container takes 3 s to exit, as a worker finishing its batch does.
+    code = (
+        "import os, signal, sys, time\n"
+        f"def stop(*_):\n    os.unlink({str(alive)!r}); os.unlink({str(ready)!r})\n"
+        "    time.sleep(3); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(600)\n"
+    )
+
+    def probe(path: Path) -> dict[str, Any]:
+        exists = f"import os, sys; sys.exit(not os.path.exists({str(path)!r}))"
+        return {
+            "exec": {"command": ["python", "-c", exists]},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        }
+
+    logs: list[str] = []
+    ctx = PodContext(
+        root=tmp_path, namespace="t", secrets={}, config_maps={}, service_refs={},
+        service_env={}, literals={}, log=logs.append, pod_ip=PodAddresses().allocate,
+    )  # fmt: skip
+    template = {
+        "spec": {
+            "terminationGracePeriodSeconds": 30,
+            "containers": [
+                {
+                    "name": "busy",
+                    "image": "registry.example.com/labelmill/worker:test",
+                    "command": ["python", "-c", code],
+                    "livenessProbe": probe(alive),
+                    "readinessProbe": probe(ready),
+                }
+            ],
+        },
+    }
+    pod = Pod("busy-0", "busy", template, ctx)
+    pod.bind()
+    busy = pod.containers[0]
+    try:
+        wait_until(lambda: busy.ready, timeout=60, what="the container to be ready")
+        pod.delete()
+        # Readiness is still probed: the pod leaves its Services' endpoints.
+        wait_until(lambda: not busy.ready, timeout=30, what="readiness to fail")
+        assert pod.terminated.wait(60)
+    finally:
+        pod.delete()
+        pod.terminated.wait(60)
+    assert not any("liveness" in line for line in logs), logs
+    assert busy.last_exit == 0, logs

@@ -28,7 +28,9 @@
   grace period (at least ``minimumGracePeriodInSeconds``, 2 s) later the
   whole group gets SIGKILL. Containers of a pod are killed in parallel
   (``killContainersWithSyncResult``). A liveness or startup probe failure
-  kills the container the same way, then it restarts.
+  kills the container the same way, then it restarts. A pod being deleted
+  has its liveness and startup probes stopped first (pkg/kubelet/kubelet.go
+  ``SyncTerminatingPod``); its readiness probes go on.
 """
 
 from __future__ import annotations
@@ -597,7 +599,10 @@ class Pod:
                         f"pod {self.name}: {c.name} {'ready' if ok else 'not ready'} {detail}"
                     )
                 c.ready = ok
-            elif not ok:  # liveness or startup failure: kill, then the supervisor restarts it
+            elif not ok and not self.deleting.is_set():
+                # Liveness or startup failure: kill, then the supervisor restarts
+                # it. (Deleting: _terminate stopped these probes; one started in
+                # that instant must not kill what is shutting down either.)
                 self.ctx.log(f"pod {self.name}: {c.name} failed its {kind} probe: {detail}")
                 threading.Thread(
                     target=self._kill_container, args=(c, f"{kind} probe failed"), daemon=True
@@ -671,6 +676,15 @@ class Pod:
 
     def _terminate(self) -> None:
         begin = time.monotonic()
+        # Liveness and startup probes stop before any container is killed, so
+        # a container busy shutting down is not killed for failing them;
+        # readiness probes go on (pkg/kubelet/kubelet.go
+        # ``Kubelet.SyncTerminatingPod``: ``probeManager.StopLivenessAndStartup``
+        # before ``killPod``).
+        for c in [*self.init_containers, *self.containers]:
+            for worker in c.probes:
+                if worker.spec.kind in ("liveness", "startup"):
+                    worker.stop()
         for c in self.init_containers:
             if not c.sidecar and c.proc is not None and c.running():
                 _kill_group(c.proc.pid)
