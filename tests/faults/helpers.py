@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -238,6 +239,28 @@ def wait_in_flight(ledger: Ledger, job_id: str, *, timeout: float = 60) -> None:
         interval=0.01,
         what=f"job {job_id} to be mid-way",
     )
+
+
+@contextmanager
+def frozen_holding(
+    pids: Sequence[int], ledger: Ledger, job_id: str, *, timeout: float = 60
+) -> Iterator[set[int]]:
+    """SIGSTOP ``pids`` while the job has batches in flight; yields those batches.
+
+    A batch seen in flight can finish in the instant before the freeze (tiny
+    images take milliseconds), leaving the frozen processes holding nothing:
+    then they are thawed and caught again, until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        wait_in_flight(ledger, job_id, timeout=max(deadline - time.monotonic(), 1))
+        with frozen(pids):
+            victims = in_flight(ledger, job_id)
+            if victims:
+                yield victims
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id}: never caught a batch in flight")
 
 
 def log_text(proc: Proc) -> str:

@@ -24,6 +24,7 @@ from tests.faults.conftest import Fronted
 from tests.faults.helpers import (
     check_job,
     frozen,
+    frozen_holding,
     in_flight,
     log_text,
     pool_children,
@@ -60,10 +61,7 @@ def test_killed_pool_process_batch_is_redelivered(pipeline: Pipeline) -> None:
     worker = p.start_worker(concurrency=1)
     ledger = p.ledger
     [child] = pool_children(worker)
-    wait_in_flight(ledger, job_id)
-    with frozen([child]):
-        victims = in_flight(ledger, job_id)
-        assert victims, "the frozen pool process holds no batch"
+    with frozen_holding([child], ledger, job_id) as victims:
         os.kill(child, signal.SIGKILL)
 
     p.wait_done(job_id)
@@ -89,10 +87,7 @@ def test_a_killed_worker_container_s_batches_are_back_within_two_minutes(
     # by Redis, into a socket nobody reads: lost, where a killed process's
     # closed socket makes Redis give up the BRPOP at once.
     pids = pool_children(first, expect=2)
-    wait_in_flight(ledger, job_id)
-    with frozen(pids):
-        victims = in_flight(ledger, job_id)
-        assert victims, "the frozen worker holds no batch"
+    with frozen_holding(pids, ledger, job_id) as victims:
         first.kill()  # SIGKILL to the whole process group: main and pool
     killed_at = time.time()
     p.start_worker(concurrency=2, name="w1")  # a peer: the rest of the tier
