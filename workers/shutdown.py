@@ -42,7 +42,7 @@ POLL_S = 0.5
 Batch = tuple[str, int]
 
 
-def batch_of(request: Any) -> Batch | None:
+def request_batch(request: Any) -> Batch | None:
     """The (job, batch number) a running task works on; None when it is no labelmill batch."""
     kwargs = getattr(request, "kwargs", None) or {}
     job_id, batch_no = kwargs.get("job_id"), kwargs.get("batch_no")
@@ -107,7 +107,7 @@ class Worker(CeleryWorker):
         )
         ledger = Ledger.from_settings(self.labelmill_settings)  # connects on first use
         started = time.monotonic()
-        if wait_until_over([batch_of(r) for r in running], ledger.settled, timeout_s):
+        if wait_until_over([request_batch(r) for r in running], ledger.settled, timeout_s):
             log.warning("soft shutdown: the running batches finished in %.1fs",
                         time.monotonic() - started)  # fmt: skip
         else:

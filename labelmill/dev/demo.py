@@ -88,13 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labelmill.dev.demo", description=__doc__)
     parser.add_argument("--dir", type=Path, default=Path(".stack"))
     parser.add_argument("--source", type=Path, default=None, help="classify this folder")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    parser.add_argument(
-        "--model-base", type=Path, default=None, help="default: export one into DIR/models"
-    )
-    parser.add_argument(
-        "--port-base", type=int, default=None, help="use consecutive ports from this one"
-    )
+    stack.add_stack_options(parser)
     args = parser.parse_args(argv)
     root: Path = args.dir.resolve()
     ports = stack.Ports.from_base(args.port_base) if args.port_base else stack.Ports()

@@ -365,11 +365,8 @@ def down(root: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m labelmill.dev.stack", description=__doc__)
-    parser.add_argument("command", choices=["up", "down"])
-    parser.add_argument("--dir", type=Path, default=Path(".stack"))
-    parser.add_argument("--detach", action="store_true")
+def add_stack_options(parser: argparse.ArgumentParser) -> None:
+    """``--workers``, ``--model-base``, ``--port-base``: shared with ``labelmill.dev.demo``."""
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument(
         "--model-base", type=Path, default=None, help="default: export one into DIR/models"
@@ -377,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port-base", type=int, default=None, help="use consecutive ports from this one"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labelmill.dev.stack", description=__doc__)
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--dir", type=Path, default=Path(".stack"))
+    parser.add_argument("--detach", action="store_true")
+    add_stack_options(parser)
     parser.add_argument(
         "--bf16",
         action="store_true",

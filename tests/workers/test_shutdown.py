@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from tests.clock import Clock
-from workers.shutdown import POLL_S, Batch, batch_of, wait_until_over
+from workers.shutdown import POLL_S, Batch, request_batch, wait_until_over
 
 
 def _wait(batches: list[Batch | None], over_at: dict[Batch, float], clock: Clock) -> bool:
@@ -65,8 +65,8 @@ def test_a_ledger_back_after_a_blip_still_ends_the_wait_early() -> None:
     assert 2.0 <= clock.t < 2.0 + POLL_S
 
 
-def test_the_batch_of_a_request_comes_from_its_keyword_arguments() -> None:
+def test_the_request_batch_a_request_comes_from_its_keyword_arguments() -> None:
     request = SimpleNamespace(kwargs={"job_id": "j", "batch_no": 3, "uris": []})
-    assert batch_of(request) == ("j", 3)
-    assert batch_of(SimpleNamespace(kwargs={"x": 1})) is None
-    assert batch_of(SimpleNamespace(kwargs=None)) is None
+    assert request_batch(request) == ("j", 3)
+    assert request_batch(SimpleNamespace(kwargs={"x": 1})) is None
+    assert request_batch(SimpleNamespace(kwargs=None)) is None
